@@ -1,0 +1,33 @@
+# make run: serve the built-in LoggingReceiver on 127.0.0.1:2575
+# make test: the whole test suite (what CI runs), in a virtualenv of its own
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test run lint format clean
+
+$(STAMP): setup.cfg setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,uvloop]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+run: $(STAMP)
+	$(BIN)/hl7bridge serve --endpoint tcp:2575:interface=127.0.0.1
+
+lint: $(STAMP)
+	$(BIN)/ruff check hl7bridge tests
+	$(BIN)/ruff format --check hl7bridge tests
+	$(BIN)/mypy hl7bridge
+
+format: $(STAMP)
+	$(BIN)/ruff format hl7bridge tests
+	$(BIN)/ruff check --fix hl7bridge tests
+
+clean:
+	rm -rf $(VENV) .venv-* build *.egg-info .mypy_cache .ruff_cache

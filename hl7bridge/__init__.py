@@ -1,0 +1,22 @@
+"""hl7bridge: run txHL7 receivers on python-hl7's ``hl7.mllp`` under Twisted's asyncio reactor.
+
+Importing hl7bridge never installs a Twisted reactor: call
+:func:`hl7bridge.reactor.install` (or run ``twistd --reactor asyncio``) first.
+"""
+
+from hl7bridge.errors import HL7BridgeError, LocalError, MissingExtra, NotAReceiver, RemoteError, WrongReactor
+from hl7bridge.server import serve
+from hl7bridge.session import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HL7BridgeError",
+    "LocalError",
+    "MissingExtra",
+    "NotAReceiver",
+    "RemoteError",
+    "Settings",
+    "WrongReactor",
+    "serve",
+]

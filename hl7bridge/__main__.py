@@ -1,0 +1,5 @@
+import sys
+
+from hl7bridge.cli import main
+
+sys.exit(main())

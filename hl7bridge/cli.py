@@ -1,0 +1,99 @@
+"""``hl7bridge serve``: run a receiver on Twisted endpoints under the asyncio reactor."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from hl7bridge import framing
+
+DEFAULT_RECEIVER = "hl7bridge.receiver.LoggingReceiver"
+DEFAULT_ENDPOINT = "tcp:2575"
+
+log = logging.getLogger("hl7bridge.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hl7bridge", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="listen for MLLP and serve a receiver")
+    serve.add_argument(
+        "--endpoint",
+        default=DEFAULT_ENDPOINT,
+        help=f"Twisted server endpoint string (default {DEFAULT_ENDPOINT}, e.g. tcp:2575:interface=127.0.0.1)",
+    )
+    serve.add_argument(
+        "--receiver",
+        default=DEFAULT_RECEIVER,
+        help=f"dotted path of an IHL7Receiver class or instance (default {DEFAULT_RECEIVER})",
+    )
+    serve.add_argument("--framing", choices=framing.FRAMING_MODES, default=framing.LENIENT)
+    serve.add_argument("--max-message-size", type=int, default=framing.DEFAULT_MAX_MESSAGE_SIZE, metavar="BYTES")
+    serve.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS")
+    serve.add_argument("--uvloop", action="store_true", help="run on uvloop (needs hl7bridge[uvloop])")
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def load_receiver(path: str) -> Any:
+    """The receiver named by a dotted path: a class is instantiated with no arguments."""
+    from twisted.python.reflect import namedAny
+
+    target = namedAny(path)
+    return target() if isinstance(target, type) else target
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Listen on ``args.endpoint`` until SIGINT or SIGTERM; return the exit status."""
+    from hl7bridge.reactor import install
+
+    reactor = install(uvloop=args.uvloop)
+
+    from twisted.internet import endpoints
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    from hl7bridge.defer import to_deferred
+    from hl7bridge.mllp import MLLPFactory
+
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
+    factory = MLLPFactory(
+        load_receiver(args.receiver),
+        framing=args.framing,
+        max_message_size=args.max_message_size,
+        idle_timeout=args.idle_timeout,
+    )
+    status = 0
+
+    def listening(port: Any) -> None:
+        address = port.getHost()
+        log.info("serving %s on %s", args.receiver, address)
+
+        def stop() -> Any:
+            log.info("stopping: no new connections, closing %d open", factory.engine.connections)
+            port.stopListening()
+            return to_deferred(factory.engine.close())
+
+        reactor.addSystemEventTrigger("before", "shutdown", stop)
+
+    def failed(failure: Any) -> None:
+        nonlocal status
+        status = 1
+        log.error("cannot listen on %s: %s", args.endpoint, failure.getErrorMessage())
+        reactor.callWhenRunning(reactor.stop)
+
+    endpoints.serverFromString(reactor, args.endpoint).listen(factory).addCallbacks(listening, failed)
+    reactor.run()
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""MLLP framing rules: bytes in, frames and deviations out.
+
+This module does no I/O and imports neither asyncio nor Twisted (a test checks
+that). A :class:`Deframer` is fed the bytes of one connection in whatever chunks
+they arrive and returns events: :class:`Frame` for each complete block,
+:class:`Deviation` for each departure from the MLLP rule that was tolerated,
+:class:`Oversized` for a block past the size limit, :class:`Rejected` when strict
+framing meets a departure it will not tolerate.
+
+MLLP (HL7 v2 Transport Specification, MLLP release 2, section 1) frames a
+message as ``<VT> message <FS><CR>``. Many senders that worked against txHL7
+bend that rule, because txHL7 split the stream on FS alone and stripped VT. The
+lenient mode (the default) accepts what txHL7 accepted and more:
+
+* FS without CR, and CR, LF or CRLF (or other bytes) between frames;
+* junk before VT, skipped;
+* a block with no VT at all, ended by FS (txHL7 took its bytes as a message);
+* a second VT inside a block: the sender gave up on the block and started
+  again, so the unfinished part is dropped.
+
+Strict mode takes ``<VT> message <FS><CR>`` only; the first departure gives a
+:class:`Rejected` event and the deframer accepts nothing more, since after a
+framing error nothing in the stream can be trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+START_BLOCK = b"\x0b"
+END_BLOCK = b"\x1c"
+CARRIAGE_RETURN = b"\x0d"
+
+_WHITESPACE = b" \t\r\n"
+
+#: Bytes of a too-large block kept so that a NAK can be built from its MSH.
+HEAD_SIZE = 4096
+
+#: Default maximum size of one block. Real ORU messages carry embedded PDFs of
+#: several MB, far past hl7.mllp's 64 KiB stream limit.
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+LENIENT = "lenient"
+STRICT = "strict"
+FRAMING_MODES = (LENIENT, STRICT)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A complete block, VT and FS removed."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """A departure from MLLP that was tolerated; ``offset`` is the stream offset."""
+
+    kind: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class Oversized:
+    """A block longer than the limit: its first bytes and its size, the rest dropped."""
+
+    head: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Strict framing met a departure; no more frames will come from this stream."""
+
+    kind: str
+    offset: int
+
+
+Event = Union[Frame, Deviation, Oversized, Rejected]
+
+# Kinds of deviation, named once so logs and tests agree.
+JUNK_BEFORE_START = "junk before start block"
+MISSING_CR_AFTER_END = "end block not followed by CR"
+MISSING_START = "block without start block"
+RESTARTED_BLOCK = "start block inside block"
+TRUNCATED_BLOCK = "connection closed inside block"
+
+
+class Deframer:
+    """Split one connection's byte stream into MLLP frames.
+
+    Args:
+        mode: ``"lenient"`` (default) or ``"strict"``.
+        max_message_size: largest block accepted, in bytes.
+    """
+
+    def __init__(self, mode: str = LENIENT, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        if mode not in FRAMING_MODES:
+            raise ValueError(f"framing mode must be one of {FRAMING_MODES}, not {mode!r}")
+        if max_message_size < 1:
+            raise ValueError("max_message_size must be at least 1")
+        self._strict = mode == STRICT
+        self._max = max_message_size
+        self._buffer = bytearray()
+        self._offset = 0  # stream offset of _buffer[0]
+        self._in_block = False
+        self._after_block = False  # an FS ended the last block; its CR is due
+        self._dropping = 0  # > 0: inside an oversized block, bytes seen so far
+        self._head = b""
+        self._rejected = False
+        self._scanned = 0  # bytes of _buffer known to hold neither VT nor FS
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Take the next bytes of the stream; return the events they complete."""
+        if self._rejected or not data:
+            return []
+        self._buffer += data
+        events: list[Event] = []
+        while self._step(events):
+            pass
+        return events
+
+    def end(self) -> list[Event]:
+        """Take the end of the stream; return what it leaves unfinished."""
+        if self._rejected:
+            return []
+        events: list[Event] = []
+        if self._in_block and (self._buffer or self._dropping):
+            events.append(Deviation(TRUNCATED_BLOCK, self._offset))
+        elif not self._in_block and self._buffer.strip(_WHITESPACE):
+            events.append(Deviation(JUNK_BEFORE_START, self._offset))
+        self._consume(len(self._buffer))
+        self._in_block = False
+        self._dropping = 0
+        return events
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a block not yet complete."""
+        return len(self._buffer)
+
+    def _consume(self, count: int) -> None:
+        del self._buffer[:count]
+        self._offset += count
+        self._scanned = 0
+
+    def _reject(self, events: list[Event], kind: str, offset: int) -> bool:
+        events.append(Rejected(kind, offset))
+        self._rejected = True
+        self._buffer.clear()
+        return False
+
+    def _step(self, events: list[Event]) -> bool:
+        """Make one step of progress; return False when more bytes are needed."""
+        if self._in_block:
+            return self._step_in_block(events)
+        return self._step_between_blocks(events)
+
+    def _step_between_blocks(self, events: list[Event]) -> bool:
+        buffer = self._buffer
+        if self._after_block:
+            if not buffer:
+                return False
+            self._after_block = False
+            if buffer[0:1] == CARRIAGE_RETURN:
+                self._consume(1)
+            elif self._strict:
+                return self._reject(events, MISSING_CR_AFTER_END, self._offset)
+            else:
+                events.append(Deviation(MISSING_CR_AFTER_END, self._offset))
+        start = buffer.find(START_BLOCK)
+        if self._strict:
+            if start != 0:
+                if not buffer:
+                    return False
+                return self._reject(events, JUNK_BEFORE_START, self._offset)
+        else:
+            end = buffer.find(END_BLOCK, 0, start if start >= 0 else len(buffer))
+            if end >= 0:
+                return self._unstarted_block(events, end)
+            if start < 0:
+                # Whitespace between blocks (CR, LF, CRLF) is common and harmless;
+                # other bytes wait: they may still turn out to be a block
+                # without VT, ended by an FS not yet received.
+                if not buffer.strip(_WHITESPACE):
+                    self._consume(len(buffer))
+                    return False
+                return self._check_size(events, len(buffer))
+            if buffer[:start].strip(_WHITESPACE):
+                events.append(Deviation(JUNK_BEFORE_START, self._offset))
+        self._consume(start + 1)
+        self._in_block = True
+        return True
+
+    def _unstarted_block(self, events: list[Event], end: int) -> bool:
+        """Lenient: bytes ended by FS with no VT before them (txHL7 took these)."""
+        # Whitespace before it is what ended the previous block (CR, LF).
+        data = bytes(self._buffer[:end]).lstrip(_WHITESPACE)
+        if data:
+            events.append(Deviation(MISSING_START, self._offset))
+            events.append(Frame(data))
+        self._consume(end + 1)
+        self._after_block = True
+        return True
+
+    def _step_in_block(self, events: list[Event]) -> bool:
+        buffer = self._buffer
+        # A large block arrives in many reads: search only the new bytes.
+        end = buffer.find(END_BLOCK, self._scanned)
+        restart = buffer.find(START_BLOCK, self._scanned, end if end >= 0 else len(buffer))
+        if restart >= 0:
+            if self._strict:
+                return self._reject(events, RESTARTED_BLOCK, self._offset + restart)
+            if restart or self._dropping:
+                events.append(Deviation(RESTARTED_BLOCK, self._offset + restart))
+            self._consume(restart + 1)
+            self._dropping = 0
+            return True
+        if end < 0:
+            self._scanned = len(buffer)
+            return self._check_size(events, len(buffer))
+        if self._dropping:
+            events.append(Oversized(self._head, self._dropping + end))
+            self._dropping = 0
+            self._head = b""
+        elif end:
+            events.append(Frame(bytes(buffer[:end])))
+        self._consume(end + 1)
+        self._in_block = False
+        self._after_block = True
+        return True
+
+    def _check_size(self, events: list[Event], size: int) -> bool:
+        """Drop the buffered part of a block that has grown past the limit."""
+        if self._dropping:
+            self._dropping += size
+            self._consume(size)
+        elif size > self._max:
+            self._head = bytes(self._buffer[:HEAD_SIZE])
+            self._dropping = size
+            self._consume(size)
+            if not self._in_block:
+                # A block without VT: it can only end at FS, so wait for that.
+                self._in_block = True
+        return False

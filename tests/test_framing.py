@@ -1,0 +1,125 @@
+"""The MLLP framing rules, pure: no sockets, no loop."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hl7bridge import framing as f
+from tests.cases import CASES, CR, FS, M1, M2, VT, Case
+
+
+def run(deframer: f.Deframer, chunks: list[bytes]) -> list[f.Event]:
+    events: list[f.Event] = []
+    for chunk in chunks:
+        events += deframer.feed(chunk)
+    return events + deframer.end()
+
+
+def blocks(events: list[f.Event]) -> list[bytes]:
+    return [event.data for event in events if isinstance(event, f.Frame)]
+
+
+def kinds(events: list[f.Event]) -> set[str]:
+    return {event.kind for event in events if isinstance(event, f.Deviation)}
+
+
+def splits(stream: bytes) -> list[list[bytes]]:
+    """Every way to cut the stream in two, and byte by byte."""
+    return [[stream[:i], stream[i:]] for i in range(len(stream) + 1)] + [[bytes([b]) for b in stream]]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_lenient_case_at_every_split_point(case: Case) -> None:
+    whole = run(f.Deframer(), [case.stream])
+    assert blocks(whole) == case.blocks
+    assert kinds(whole) == case.deviations
+    for chunks in splits(case.stream):
+        assert run(f.Deframer(), chunks) == whole, chunks
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_strict_case_at_every_split_point(case: Case) -> None:
+    whole = run(f.Deframer(f.STRICT), [case.stream])
+    expected = case.blocks if case.strict_blocks is None else case.strict_blocks
+    assert blocks(whole) == expected
+    rejections = [event.kind for event in whole if isinstance(event, f.Rejected)]
+    assert rejections == ([case.strict_rejection] if case.strict_rejection else [])
+    for chunks in splits(case.stream):
+        assert run(f.Deframer(f.STRICT), chunks) == whole, chunks
+
+
+def test_deviation_offsets_are_stream_offsets() -> None:
+    junk = b"xyz"
+    events = run(f.Deframer(), [VT + M1 + FS + CR + junk + VT + M2 + FS + CR])
+    assert f.Deviation(f.JUNK_BEFORE_START, len(M1) + 3) in events
+
+
+def test_strict_stops_after_rejection() -> None:
+    deframer = f.Deframer(f.STRICT)
+    assert [type(e) for e in deframer.feed(b"junk" + VT + M1 + FS + CR)] == [f.Rejected]
+    assert deframer.feed(VT + M2 + FS + CR) == []
+
+
+@pytest.mark.parametrize("mode", f.FRAMING_MODES)
+def test_oversized_block_is_dropped_with_its_head_kept(mode: str) -> None:
+    big = M1 + b"OBX|1|ED|PDF||" + b"A" * 5000 + b"\r"
+    deframer = f.Deframer(mode, max_message_size=1000)
+    events = []
+    for start in range(0, len(big), 700):
+        events += deframer.feed((VT if start == 0 else b"") + big[start : start + 700])
+        assert deframer.buffered <= 1000 + 700
+    events += deframer.feed(FS + CR + VT + M2 + FS + CR)
+    oversized, after = events
+    assert isinstance(oversized, f.Oversized) and oversized.size == len(big)
+    # The head keeps what the limit let in (up to HEAD_SIZE): enough for the MSH.
+    assert big.startswith(oversized.head) and 1000 < len(oversized.head) <= f.HEAD_SIZE
+    assert after == f.Frame(M2)
+
+
+def test_block_exactly_at_the_limit_is_accepted() -> None:
+    assert run(f.Deframer(max_message_size=len(M1)), [VT + M1 + FS + CR]) == [f.Frame(M1)]
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="framing mode"):
+        f.Deframer("sloppy")
+    with pytest.raises(ValueError, match="max_message_size"):
+        f.Deframer(max_message_size=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([M1, M2, b"MSH|^~\\&|X|\xc3\xa9\r"]), min_size=1, max_size=6),
+    st.lists(st.integers(min_value=1, max_value=80), min_size=1, max_size=40),
+)
+def test_any_chunking_of_valid_frames_gives_the_same_blocks(messages: list[bytes], sizes: list[int]) -> None:
+    stream = b"".join(VT + m + FS + CR for m in messages)
+    chunks, position, index = [], 0, 0
+    while position < len(stream):
+        size = sizes[index % len(sizes)]
+        chunks.append(stream[position : position + size])
+        position += size
+        index += 1
+    for mode in f.FRAMING_MODES:
+        assert run(f.Deframer(mode), chunks) == [f.Frame(m) for m in messages]
+
+
+def test_framing_and_ack_import_no_io_framework() -> None:
+    code = (
+        "import sys; import hl7bridge.framing, hl7bridge.ack; "
+        "bad = [m for m in ('asyncio', 'twisted') if m in sys.modules]; "
+        "print(','.join(bad))"
+    )
+    # hl7bridge/__init__ pulls in the faces; load the two modules on their own.
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, types; sys.modules['hl7bridge'] = types.ModuleType('hl7bridge'); "
+         "sys.modules['hl7bridge'].__path__ = [__import__('os').path.join(sys.argv[1], 'hl7bridge')]; " + code,
+         str(__import__("pathlib").Path(__file__).resolve().parents[1])],
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == ""
