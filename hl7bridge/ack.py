@@ -21,6 +21,7 @@ SEGMENT_END = "\r"
 #: HL7 Table 0008 acknowledgment codes.
 ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
 
+
 @dataclass(frozen=True)
 class Header:
     """The MSH segment of a message, split into fields.

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from hl7bridge import framing
 
@@ -53,23 +53,31 @@ def serve(args: argparse.Namespace) -> int:
     reactor = install(uvloop=args.uvloop)
 
     from twisted.internet import endpoints
-    from twisted.logger import STDLibLogObserver, globalLogBeginner
+    from twisted.logger import ILogObserver, STDLibLogObserver, globalLogBeginner
 
     from hl7bridge.defer import to_deferred
     from hl7bridge.mllp import MLLPFactory
 
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)
-    factory = MLLPFactory(
-        load_receiver(args.receiver),
-        framing=args.framing,
-        max_message_size=args.max_message_size,
-        idle_timeout=args.idle_timeout,
-    )
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, STDLibLogObserver())], redirectStandardIO=False)
+    try:
+        # After install(): receiver modules written for txHL7 often import
+        # twisted.internet.reactor, which must find the asyncio reactor.
+        receiver = load_receiver(args.receiver)
+        factory = MLLPFactory(
+            receiver,
+            framing=args.framing,
+            max_message_size=args.max_message_size,
+            idle_timeout=args.idle_timeout,
+        )
+    except Exception as exc:
+        log.error("cannot use receiver %s: %s: %s", args.receiver, type(exc).__name__, exc)
+        return 2
     status = 0
 
     def listening(port: Any) -> None:
         address = port.getHost()
-        log.info("serving %s on %s", args.receiver, address)
+        where = f"{address.host}:{address.port}" if hasattr(address, "port") else str(address)
+        log.info("serving %s on %s", args.receiver, where)
 
         def stop() -> Any:
             log.info("stopping: no new connections, closing %d open", factory.engine.connections)

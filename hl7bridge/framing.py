@@ -26,7 +26,6 @@ framing error nothing in the stream can be trusted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c"
@@ -77,7 +76,7 @@ class Rejected:
     offset: int
 
 
-Event = Union[Frame, Deviation, Oversized, Rejected]
+Event = Frame | Deviation | Oversized | Rejected
 
 # Kinds of deviation, named once so logs and tests agree.
 JUNK_BEFORE_START = "junk before start block"

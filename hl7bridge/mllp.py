@@ -156,7 +156,7 @@ class MLLPFactory(protocol.ServerFactory):
         WrongReactor: (when listening starts) the reactor is not Twisted's asyncio reactor.
     """
 
-    protocol = MinimalLowerLayerProtocol
+    protocol = MinimalLowerLayerProtocol  # type: ignore[assignment]
 
     def __init__(self, receiver: Any, **options: Any) -> None:
         self.engine = Engine(receiver, Settings(**options))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 from hl7bridge.errors import MissingExtra, WrongReactor
 
@@ -36,7 +37,7 @@ def new_event_loop(uvloop: bool = False) -> asyncio.AbstractEventLoop:
     return _uvloop.new_event_loop()
 
 
-def install(loop: asyncio.AbstractEventLoop | None = None, *, uvloop: bool = False):  # type: ignore[no-untyped-def]
+def install(loop: asyncio.AbstractEventLoop | None = None, *, uvloop: bool = False) -> Any:
     """Create a loop, make it current, and install Twisted's asyncio reactor on it.
 
     Args:

@@ -106,20 +106,20 @@ class HL7MessageContainer(MessageContainer):
 class IHL7Receiver(Interface):
     """What an MLLP listener needs from a receiver (txHL7's interface)."""
 
-    def parseMessage(raw_message):  # type: ignore[no-untyped-def]  # noqa: N802,N805
+    def parseMessage(raw_message):  # noqa: N802,N805
         """Turn the decoded text of one message into a :class:`MessageContainer`."""
 
-    def handleMessage(message_container):  # type: ignore[no-untyped-def]  # noqa: N802,N805
+    def handleMessage(message_container):  # noqa: N802,N805
         """Act on a message; return the ACK text, a Deferred or a coroutine of it, or None.
 
         Blocking work belongs in a thread (``deferToThread``) or an executor:
         the listener serves every connection on one loop.
         """
 
-    def getCodec():  # type: ignore[no-untyped-def]  # noqa: N802
+    def getCodec():  # type: ignore[misc]  # noqa: N802
         """The codec name, or ``(name, errors)``, to decode and encode messages; None for UTF-8."""
 
-    def getTimeout():  # type: ignore[no-untyped-def]  # noqa: N802
+    def getTimeout():  # type: ignore[misc]  # noqa: N802
         """Seconds of idleness after which a connection is closed; None for never."""
 
 
@@ -158,7 +158,7 @@ class LoggingReceiver(AbstractHL7Receiver):
         return defer.succeed(message_container.ack())
 
 
-def check_receiver(receiver: object) -> object:
+def check_receiver(receiver: Any) -> Any:
     """Return ``receiver`` if it has the four IHL7Receiver methods.
 
     Receivers declared against hl7bridge's interface, txHL7's, or none at all are

@@ -25,8 +25,8 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from hl7bridge import ack, framing
-from hl7bridge.framing import DEFAULT_MAX_MESSAGE_SIZE, LENIENT
 from hl7bridge.defer import is_pending_result, to_future
+from hl7bridge.framing import DEFAULT_MAX_MESSAGE_SIZE, LENIENT
 from hl7bridge.receiver import check_receiver, codec_of
 
 log = logging.getLogger("hl7bridge.session")
@@ -231,7 +231,9 @@ class Session:
         try:
             return text.encode(self.engine.encoding, self.engine.errors)
         except UnicodeEncodeError:
-            log.warning("%s: ACK does not encode as %s; unencodable characters replaced", self.peer, self.engine.encoding)
+            log.warning(
+                "%s: ACK does not encode as %s; unencodable characters replaced", self.peer, self.engine.encoding
+            )
             return text.encode(self.engine.encoding, "replace")
 
     def _nak(self, block: bytes, code: str, reason: str) -> bytes | None:
@@ -246,7 +248,7 @@ class Session:
 
     def _submit(self, reply: Reply) -> None:
         """Queue a reply behind those of earlier messages; send what is ready."""
-        if asyncio.isfuture(reply):
+        if isinstance(reply, asyncio.Future):
             if reply.done() and not self._pending:
                 self._send(reply.result())
                 return
@@ -261,7 +263,7 @@ class Session:
         pending = self._pending
         while pending:
             head = pending[0]
-            if asyncio.isfuture(head):
+            if isinstance(head, asyncio.Future):
                 if not head.done():
                     return
                 pending.popleft()
@@ -269,18 +271,19 @@ class Session:
                     continue
                 self._send(head.result())
             else:
-                self._send(pending.popleft())
+                pending.popleft()
+                self._send(head)
 
     async def _wait_for_head(self) -> None:
         head = self._pending[0]
-        if asyncio.isfuture(head):
+        if isinstance(head, asyncio.Future):
             await asyncio.wait((head,))
         self._flush()
 
     def _abandon_pending(self) -> None:
         """The connection is closing: replies still to come can no longer be sent."""
         for reply in self._pending:
-            if asyncio.isfuture(reply):
+            if isinstance(reply, asyncio.Future):
                 reply.remove_done_callback(self._flush)
         if self._pending:
             log.warning("%s: connection closed with %d ACKs unsent", self.peer, len(self._pending))

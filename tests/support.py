@@ -69,9 +69,10 @@ def msa(ack_text: str) -> list[str]:
 def without_time_and_id(ack_text: str) -> str:
     """An ACK with MSH-7 and MSH-10 blanked, the two fields that differ on every ACK."""
     segments = ack_text.split("\r")
-    msh = fields(segments[0])
+    separator = segments[0][3]
+    msh = segments[0].split(separator)
     msh[6] = msh[9] = ""
-    segments[0] = "|".join(msh)
+    segments[0] = separator.join(msh)
     return "\r".join(segments)
 
 

@@ -117,9 +117,15 @@ def test_framing_and_ack_import_no_io_framework() -> None:
     )
     # hl7bridge/__init__ pulls in the faces; load the two modules on their own.
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, types; sys.modules['hl7bridge'] = types.ModuleType('hl7bridge'); "
-         "sys.modules['hl7bridge'].__path__ = [__import__('os').path.join(sys.argv[1], 'hl7bridge')]; " + code,
-         str(__import__("pathlib").Path(__file__).resolve().parents[1])],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, types; sys.modules['hl7bridge'] = types.ModuleType('hl7bridge'); "
+            "sys.modules['hl7bridge'].__path__ = [__import__('os').path.join(sys.argv[1], 'hl7bridge')]; " + code,
+            str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == ""

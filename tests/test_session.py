@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor, threads
 
 from hl7bridge.receiver import AbstractHL7Receiver, AbstractReceiver, HL7MessageContainer, MessageContainer
 from tests.cases import CASES, Case
-from tests.support import CR, FACES, FS, VT, Peer, asyncio_test, control_id, frame, listening, message, msa
+from tests.support import FACES, FS, VT, Peer, asyncio_test, control_id, frame, listening, message, msa
 
 
 class Recording(AbstractHL7Receiver):
@@ -294,7 +294,9 @@ async def test_strict_framing_closes_on_a_deviation_after_answering_what_came_be
 @asyncio_test
 async def test_oversized_message_gets_ar_and_the_next_one_is_served(face: str) -> None:
     big = message("BIG1", body="OBX|1|ED|PDF||" + "A" * 200_000 + "\r").encode()
-    replies = await exchange(face, Recording(), frame(big) + frame(message("SMALL").encode()), 2, max_message_size=100_000)
+    replies = await exchange(
+        face, Recording(), frame(big) + frame(message("SMALL").encode()), 2, max_message_size=100_000
+    )
     assert [msa(r.decode())[1:4] for r in replies] == [["AR", "BIG1", "message too large"], ["AA", "SMALL"]]
 
 
