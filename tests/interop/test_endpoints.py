@@ -1,0 +1,90 @@
+"""The Twisted face behind endpoint strings: unix sockets and TLS, as txHL7 deployments use them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import endpoints, reactor
+
+from hl7bridge.defer import to_future
+from hl7bridge.mllp import MLLPFactory
+from tests.support import Peer, asyncio_test, frame, message, msa
+from tests.test_session import Recording
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made for this test."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hl7bridge test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+async def listen(description: str, receiver: Recording) -> tuple[object, MLLPFactory]:
+    factory = MLLPFactory(receiver)
+    port = await to_future(endpoints.serverFromString(reactor, description).listen(factory), asyncio.get_running_loop())
+    return port, factory
+
+
+async def stop(port: object, factory: MLLPFactory) -> None:
+    await to_future(port.stopListening(), asyncio.get_running_loop())  # type: ignore[attr-defined]
+    await factory.engine.close()
+
+
+async def exchange(peer: Peer) -> list[str]:
+    await peer.send(frame(message("EP1").encode()) + frame(message("EP2").encode()))
+    replies = await peer.replies(2)
+    await peer.close()
+    return [msa(r.decode())[2] for r in replies]
+
+
+@asyncio_test
+async def test_unix_socket_endpoint(tmp_path: Path) -> None:
+    path = tmp_path / "mllp.sock"
+    receiver = Recording()
+    port, factory = await listen(f"unix:{path}", receiver)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        assert await exchange(Peer(reader, writer)) == ["EP1", "EP2"]
+    finally:
+        await stop(port, factory)
+    assert len(receiver.received) == 2
+
+
+@asyncio_test
+async def test_tls_endpoint(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    receiver = Recording()
+    port, factory = await listen(f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}", receiver)
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port.getHost().port, ssl=context)  # type: ignore[attr-defined]
+        assert await exchange(Peer(reader, writer)) == ["EP1", "EP2"]
+    finally:
+        await stop(port, factory)
+    assert len(receiver.received) == 2
