@@ -119,7 +119,8 @@ def test_framing_and_ack_import_no_io_framework() -> None:
         import importlib.util, sys
         for name in ("framing", "ack"):
             spec = importlib.util.spec_from_file_location(name, {str(package)!r} + "/" + name + ".py")
-            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+            sys.modules[name] = module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
         print(",".join(m for m in ("asyncio", "twisted") if m in sys.modules) or "none")
         """
     )
