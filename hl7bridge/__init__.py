@@ -5,7 +5,7 @@ Importing hl7bridge never installs a Twisted reactor: call
 """
 
 from hl7bridge.errors import HL7BridgeError, LocalError, MissingExtra, NotAReceiver, RemoteError, WrongReactor
-from hl7bridge.server import serve
+from hl7bridge.server import serve, shutdown
 from hl7bridge.session import Settings
 
 __version__ = "0.1.0"
@@ -19,4 +19,5 @@ __all__ = [
     "Settings",
     "WrongReactor",
     "serve",
+    "shutdown",
 ]

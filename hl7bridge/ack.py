@@ -23,6 +23,28 @@ ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
 
 
 @dataclass(frozen=True)
+class Rejection:
+    """Why hl7bridge itself refuses a message: MSA-1, MSA-3 and the ERR-3 code.
+
+    ``error_code`` and ``error_text`` come from HL7 Table 0357 (message error
+    condition codes).
+    """
+
+    code: str
+    text: str
+    error_code: str
+    error_text: str
+
+
+UNDECODABLE = Rejection("AR", "undecodable message", "102", "Data type error")
+UNPARSEABLE = Rejection("AR", "message could not be parsed", "100", "Segment sequence error")
+TOO_LARGE = Rejection("AR", "message too large", "207", "Application internal error")
+INCOMPLETE = Rejection("AR", "message not completed in time", "207", "Application internal error")
+HANDLER_FAILED = Rejection("AR", "handler failed", "207", "Application internal error")
+HANDLER_TIMEOUT = Rejection("AE", "handler timed out", "207", "Application internal error")
+
+
+@dataclass(frozen=True)
 class Header:
     """The MSH segment of a message, split into fields.
 
@@ -58,6 +80,11 @@ class Header:
         first = self.field(number).split(self.repetition_separator, 1)[0]
         parts = first.split(self.component_separator)
         return parts[component - 1] if component - 1 < len(parts) else ""
+
+    @property
+    def charset(self) -> str:
+        """MSH-18's first repetition: the character set the message declares."""
+        return self.field(18).split(self.repetition_separator, 1)[0]
 
     @property
     def message_type(self) -> str:
@@ -153,3 +180,14 @@ def build_ack(
     )
     msa = sep.join(("MSA", code, field(10)) if text is None else ("MSA", code, field(10), text))
     return msh + SEGMENT_END + msa + SEGMENT_END
+
+
+def build_nak(header: Header, rejection: Rejection) -> str:
+    """A negative ACK: MSA-1 and MSA-3 from ``rejection``, and an ERR segment.
+
+    The ERR segment uses the v2.5 layout (ERR-3 HL7 error code, ERR-4 severity
+    E); receivers of older versions ignore fields they do not know.
+    """
+    sep, comp = header.field_separator, header.component_separator
+    err = sep.join(("ERR", "", "", comp.join((rejection.error_code, rejection.error_text, "HL70357")), "E"))
+    return build_ack(header, rejection.code, text=rejection.text) + err + SEGMENT_END

@@ -6,9 +6,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any, cast
 
 from hl7bridge import framing
+from hl7bridge.session import Settings
 
 DEFAULT_RECEIVER = "hl7bridge.receiver.LoggingReceiver"
 DEFAULT_ENDPOINT = "tcp:2575"
@@ -30,12 +32,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RECEIVER,
         help=f"dotted path of an IHL7Receiver class or instance (default {DEFAULT_RECEIVER})",
     )
-    serve.add_argument("--framing", choices=framing.FRAMING_MODES, default=framing.LENIENT)
-    serve.add_argument("--max-message-size", type=int, default=framing.DEFAULT_MAX_MESSAGE_SIZE, metavar="BYTES")
-    serve.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS")
+    defaults = Settings()
+    limits = serve.add_argument_group("framing, limits and timeouts (see hl7bridge.Settings)")
+    limits.add_argument("--framing", choices=framing.FRAMING_MODES, default=defaults.framing)
+    limits.add_argument("--max-message-size", type=int, default=defaults.max_message_size, metavar="BYTES")
+    limits.add_argument("--max-connections", type=_limit, default=defaults.max_connections, metavar="N|none")
+    limits.add_argument(
+        "--max-connections-per-peer", type=_limit, default=defaults.max_connections_per_peer, metavar="N|none"
+    )
+    limits.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight, metavar="N")
+    limits.add_argument("--idle-timeout", type=_seconds, default=defaults.idle_timeout, metavar="SECONDS|none")
+    limits.add_argument("--frame-timeout", type=_seconds, default=defaults.frame_timeout, metavar="SECONDS|none")
+    limits.add_argument("--handler-timeout", type=_seconds, default=defaults.handler_timeout, metavar="SECONDS|none")
+    limits.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout, metavar="SECONDS")
+    limits.add_argument(
+        "--follow-msh18",
+        action="store_true",
+        help="decode in the charset MSH-18 declares when the receiver names no codec",
+    )
     serve.add_argument("--uvloop", action="store_true", help="run on uvloop (needs hl7bridge[uvloop])")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
+
+
+def _limit(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def _seconds(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def setting_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The listener settings given on the command line, as keyword arguments."""
+    return {field.name: getattr(args, field.name) for field in fields(Settings)}
 
 
 def load_receiver(path: str) -> Any:
@@ -55,7 +85,6 @@ def serve(args: argparse.Namespace) -> int:
     from twisted.internet import endpoints
     from twisted.logger import ILogObserver, STDLibLogObserver, globalLogBeginner
 
-    from hl7bridge.defer import to_deferred
     from hl7bridge.mllp import MLLPFactory
 
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, STDLibLogObserver())], redirectStandardIO=False)
@@ -63,12 +92,7 @@ def serve(args: argparse.Namespace) -> int:
         # After install(): receiver modules written for txHL7 often import
         # twisted.internet.reactor, which must find the asyncio reactor.
         receiver = load_receiver(args.receiver)
-        factory = MLLPFactory(
-            receiver,
-            framing=args.framing,
-            max_message_size=args.max_message_size,
-            idle_timeout=args.idle_timeout,
-        )
+        factory = MLLPFactory(receiver, **setting_options(args))
     except Exception as exc:
         log.error("cannot use receiver %s: %s: %s", args.receiver, type(exc).__name__, exc)
         return 2
@@ -82,7 +106,7 @@ def serve(args: argparse.Namespace) -> int:
         def stop() -> Any:
             log.info("stopping: no new connections, closing %d open", factory.engine.connections)
             port.stopListening()
-            return to_deferred(factory.engine.close())
+            return factory.drain()
 
         reactor.addSystemEventTrigger("before", "shutdown", stop)
 

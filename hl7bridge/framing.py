@@ -135,6 +135,15 @@ class Deframer:
         return events
 
     @property
+    def incomplete(self) -> bool:
+        """Whether bytes of a block not yet ended are held (or being dropped)."""
+        return self._in_block or bool(self._buffer)
+
+    def partial_head(self) -> bytes:
+        """The first bytes of the unfinished block (up to HEAD_SIZE), to answer it."""
+        return self._head if self._dropping else bytes(self._buffer[:HEAD_SIZE])
+
+    @property
     def buffered(self) -> int:
         """Bytes held for a block not yet complete."""
         return len(self._buffer)

@@ -15,10 +15,12 @@ from typing import Any
 
 from hl7.mllp import HL7StreamProtocol, HL7StreamReader, HL7StreamWriter
 from twisted.internet import interfaces, protocol
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hl7bridge.defer import to_deferred
 from hl7bridge.reactor import event_loop
 from hl7bridge.receiver import IHL7Receiver
 from hl7bridge.session import Engine, Settings
@@ -175,3 +177,12 @@ class MLLPFactory(protocol.ServerFactory):
     def startFactory(self) -> None:  # noqa: N802
         # Fail when listening starts, with a message, rather than hang later.
         self.loop  # noqa: B018
+
+    def drain(self, timeout: float | None = None) -> Deferred[None]:
+        """Stop every connection gracefully; fires when all have closed.
+
+        Connections stop reading, the messages in flight are handled and
+        answered (for up to ``timeout`` seconds, the ``drain_timeout`` setting
+        by default), then they close. Stop listening first (``port.stopListening()``).
+        """
+        return to_deferred(self.engine.close(timeout), self.loop)

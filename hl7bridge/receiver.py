@@ -23,7 +23,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from hl7bridge.ack import Header, build_ack, read_header
+from hl7bridge.ack import HANDLER_FAILED, Header, build_ack, build_nak, read_header
 from hl7bridge.errors import NotAReceiver
 
 log = logging.getLogger("hl7bridge.receiver")
@@ -102,6 +102,17 @@ class HL7MessageContainer(MessageContainer):
             raise ValueError("the message has no MSH segment to acknowledge")
         return build_ack(header, ack_code)
 
+    def err(self, failure: Failure) -> str | None:
+        """The answer when ``handleMessage`` fails: an AR with a reason and an ERR segment.
+
+        hl7bridge has already logged ``failure`` once. The answer never carries
+        the exception's text, which may quote patient data.
+        """
+        header = self.header
+        if header is None:
+            raise ValueError("the message has no MSH segment to acknowledge")
+        return build_nak(header, HANDLER_FAILED)
+
 
 class IHL7Receiver(Interface):
     """What an MLLP listener needs from a receiver (txHL7's interface)."""
@@ -173,19 +184,23 @@ def check_receiver(receiver: Any) -> Any:
     return receiver
 
 
-def codec_of(receiver: Any) -> tuple[str, str]:
+def codec_of(receiver: Any) -> tuple[str | None, str]:
     """The ``(encoding, errors)`` pair a receiver's ``getCodec()`` asks for, txHL7's way.
 
     ``getCodec()`` may give a name, a ``(name, errors)`` pair, or None in either
-    place, meaning UTF-8 and strict.
+    place. The encoding stays None when the receiver names none: the listener
+    then uses UTF-8, as txHL7 did, or MSH-18 if told to follow it.
+
+    Raises:
+        LookupError: the codec or error handler does not exist (found at start-up,
+            not on the first message).
     """
     codec = receiver.getCodec()
     errors = None
     if isinstance(codec, tuple):
         codec, errors = codec
-    encoding = codec or DEFAULT_ENCODING
     errors = errors or DEFAULT_ERRORS
-    # Fail now, at start-up, on a codec that does not exist.
-    codecs.lookup(encoding)
+    if codec:
+        codecs.lookup(codec)
     codecs.lookup_error(errors)
-    return encoding, errors
+    return codec or None, errors

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 from hl7.mllp import HL7StreamReader, HL7StreamWriter, start_hl7_server
 
 from hl7bridge.reactor import check_loop
 from hl7bridge.session import Engine, Settings
+
+# The engine of each server serve() started, for shutdown().
+_engines: weakref.WeakKeyDictionary[asyncio.Server, Engine] = weakref.WeakKeyDictionary()
 
 
 async def serve(receiver: Any, host: str | None = None, port: int | None = None, **options: Any) -> asyncio.Server:
@@ -19,23 +23,36 @@ async def serve(receiver: Any, host: str | None = None, port: int | None = None,
             its four methods).
         host, port: where to listen, as for ``loop.create_server``.
         **options: the fields of :class:`hl7bridge.session.Settings`
-            (``framing``, ``max_message_size``, ``idle_timeout``,
-            ``max_in_flight``); anything else goes to ``loop.create_server``
-            (``ssl``, ``backlog``, ``reuse_port``, ...).
+            (``framing``, ``max_message_size``, the timeouts and limits);
+            anything else goes to ``loop.create_server`` (``ssl``,
+            ``backlog``, ``reuse_port``, ...).
 
     Returns:
-        The ``asyncio.Server``; close it and ``await server.wait_closed()`` to stop.
+        The ``asyncio.Server``; :func:`shutdown` stops it gracefully.
 
     Raises:
         WrongReactor: a Twisted reactor is installed that does not run on this loop.
     """
     loop = asyncio.get_running_loop()
     check_loop(loop)
-    setting_names = Settings.__dataclass_fields__.keys()
-    settings = Settings(**{name: options.pop(name) for name in list(options) if name in setting_names})
-    engine = Engine(receiver, settings)
+    engine = Engine(receiver, Settings.take(options))
 
     def connected(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
         engine.start_connection(reader, writer, loop)
 
-    return await start_hl7_server(connected, host, port, **options)
+    server = await start_hl7_server(connected, host, port, **options)
+    _engines[server] = engine
+    return server
+
+
+async def shutdown(server: asyncio.Server, drain_timeout: float | None = None) -> None:
+    """Stop a listener from :func:`serve` gracefully.
+
+    It stops accepting at once; connections stop reading, the messages in
+    flight are handled and answered (for up to ``drain_timeout`` seconds, the
+    listener's ``drain_timeout`` setting by default), then every connection
+    is closed.
+    """
+    server.close()
+    await _engines[server].close(drain_timeout)
+    await server.wait_closed()

@@ -10,24 +10,28 @@ Per connection, one task reads bytes, splits them into frames
 receiver's ``parseMessage`` once and ``handleMessage`` once, and writes the
 ACKs in the order the messages arrived, whatever order their handlers finish
 in. Handlers of one connection run concurrently, up to ``max_in_flight``.
+
+Every message gets exactly one outcome: the receiver's answer, a NAK built
+from its MSH (undecodable, unparseable, too large, incomplete, handler failed
+or timed out), or, when it has no MSH, a log line saying it was dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, fields
 from typing import Any, Union
 
 from hl7.mllp import HL7StreamReader, HL7StreamWriter
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from hl7bridge import ack, framing
-from hl7bridge.defer import is_pending_result, to_future
+from hl7bridge import ack, charsets, framing
+from hl7bridge.defer import is_pending_result
 from hl7bridge.framing import DEFAULT_MAX_MESSAGE_SIZE, LENIENT
-from hl7bridge.receiver import check_receiver, codec_of
+from hl7bridge.receiver import DEFAULT_ENCODING, check_receiver, codec_of
 
 log = logging.getLogger("hl7bridge.session")
 
@@ -37,30 +41,64 @@ READ_SIZE = 64 * 1024
 #: What a message turns into: the ACK bytes, None for no answer, or a future of either.
 Reply = Union[bytes, None, "asyncio.Future[bytes | None]"]
 
+Codec = tuple[str, str]
+
 
 @dataclass(frozen=True)
 class Settings:
-    """Listener settings shared by both faces.
+    """Listener settings shared by both faces; every limit has a safe default.
 
     Args:
         framing: ``"lenient"`` (accept what txHL7 accepted, and more) or ``"strict"``.
         max_message_size: largest message accepted, in bytes; larger ones get an AR.
-        idle_timeout: seconds of idleness before a connection is closed, used
+        idle_timeout: seconds without a byte before a connection is closed, used
             when the receiver's ``getTimeout()`` gives None; None for never.
+        frame_timeout: seconds a started message may take to arrive whole
+            (a slow sender, or one stuck mid-frame); then it gets an AR if its
+            MSH arrived, and the connection is closed. None for no limit.
+        handler_timeout: seconds a handler may take before the message is
+            answered AE; its late result is logged and dropped. None: no limit.
         max_in_flight: messages of one connection handled at once; reading
             pauses past it, so a pipelining sender gets TCP backpressure.
+        max_connections: connections served at once; more are closed at once.
+        max_connections_per_peer: the same, per peer address.
+        follow_msh18: when the receiver's ``getCodec()`` names no codec, decode
+            each message in the character set its MSH-18 declares (and encode
+            its ACK the same way) instead of UTF-8.
+        drain_timeout: on shutdown, seconds to let messages in flight finish
+            and be answered before their connections are closed regardless.
     """
 
     framing: str = LENIENT
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     idle_timeout: float | None = None
+    frame_timeout: float | None = 60.0
+    handler_timeout: float | None = None
     max_in_flight: int = 32
+    max_connections: int | None = 1000
+    max_connections_per_peer: int | None = 100
+    follow_msh18: bool = False
+    drain_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.framing not in framing.FRAMING_MODES:
             raise ValueError(f"framing must be one of {framing.FRAMING_MODES}, not {self.framing!r}")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+
+    @classmethod
+    def take(cls, options: dict[str, Any]) -> Settings:
+        """Settings from the keys of ``options`` that name fields; those keys are removed."""
+        names = {field.name for field in fields(cls)}
+        return cls(**{name: options.pop(name) for name in list(options) if name in names})
+
+
+class Stopped(Exception):
+    """Raised into a session's reads to make it stop reading and finish."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Engine:
@@ -75,33 +113,70 @@ class Engine:
     def __init__(self, receiver: Any, settings: Settings | None = None) -> None:
         self.receiver = check_receiver(receiver)
         self.settings = settings or Settings()
-        self.encoding, self.errors = codec_of(receiver)
+        self.codec = codec_of(receiver)
         timeout = receiver.getTimeout()
         self.idle_timeout: float | None = timeout if timeout is not None else self.settings.idle_timeout
         self._sessions: dict[asyncio.Task[None], Session] = {}
+        self._per_peer: Counter[str] = Counter()
 
     @property
     def connections(self) -> int:
         """Connections being served now."""
         return len(self._sessions)
 
+    def codec_for(self, block: bytes) -> Codec:
+        """The codec of one message: the receiver's, else MSH-18's if followed, else UTF-8."""
+        encoding, errors = self.codec
+        if encoding is None and self.settings.follow_msh18:
+            header = ack.read_header(block[: framing.HEAD_SIZE].decode("latin-1"))
+            encoding = charsets.codec_for(header.charset) if header is not None else None
+        return encoding or DEFAULT_ENCODING, errors
+
     def start_connection(
         self, reader: HL7StreamReader, writer: HL7StreamWriter, loop: asyncio.AbstractEventLoop
-    ) -> asyncio.Task[None]:
-        """Serve one connection in a task; the engine holds it until it ends."""
+    ) -> asyncio.Task[None] | None:
+        """Serve one connection in a task the engine holds until it ends.
+
+        Past ``max_connections`` (or ``max_connections_per_peer``) the
+        connection is closed at once, with a log line, and None is returned.
+        """
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        limits = self.settings
+        refused = None
+        if limits.max_connections is not None and len(self._sessions) >= limits.max_connections:
+            refused = f"{len(self._sessions)} connections open, the limit"
+        elif limits.max_connections_per_peer is not None and self._per_peer[host] >= limits.max_connections_per_peer:
+            refused = f"{self._per_peer[host]} connections open from this address, the limit"
+        if refused:
+            log.warning("%s: connection refused: %s", _peer_name(peer), refused)
+            writer.close()
+            return None
         session = Session(self, reader, writer, loop)
         task = loop.create_task(session.run())
         self._sessions[task] = session
-        task.add_done_callback(self._sessions.pop)
+        self._per_peer[host] += 1
+
+        def ended(task: asyncio.Task[None]) -> None:
+            del self._sessions[task]
+            self._per_peer[host] -= 1
+            if not self._per_peer[host]:
+                del self._per_peer[host]
+
+        task.add_done_callback(ended)
         return task
 
-    async def close(self, timeout: float = 5.0) -> None:
-        """Close every connection, wait up to ``timeout`` seconds for them to end.
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop every connection: no more reading; messages in flight are answered.
 
-        Connections still open after that are cancelled.
+        Waits up to ``timeout`` seconds (the ``drain_timeout`` setting by
+        default) for them; connections still open then are cancelled, and
+        their unsent ACKs logged.
         """
+        if timeout is None:
+            timeout = self.settings.drain_timeout
         for session in self._sessions.values():
-            session.writer.close()
+            session.stop("shutting down")
         if self._sessions:
             _, late = await asyncio.wait(set(self._sessions), timeout=timeout)
             for task in late:
@@ -117,42 +192,65 @@ class Session:
         self, engine: Engine, reader: HL7StreamReader, writer: HL7StreamWriter, loop: asyncio.AbstractEventLoop
     ) -> None:
         self.engine = engine
+        self.settings = engine.settings
         self.receiver = engine.receiver
         self.reader = reader
         self.writer = writer
         self.loop = loop
         self.peer = _peer_name(writer.get_extra_info("peername"))
+        self._deframer = framing.Deframer(self.settings.framing, self.settings.max_message_size)
         self._pending: deque[Reply] = deque()
         self._deviations: set[str] = set()
         self._last_activity = loop.time()
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._frame_started: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
-        """Serve the connection until the peer closes it, it idles out, or framing fails."""
-        settings = self.engine.settings
-        deframer = framing.Deframer(settings.framing, settings.max_message_size)
+        """Serve the connection until the peer closes it, it is stopped, or framing fails."""
         log.debug("%s: connected", self.peer)
-        self._arm_idle_timer()
+        self._arm_timer()
         try:
-            while True:
-                data = await self.reader.read(READ_SIZE)
-                self._last_activity = self.loop.time()
-                events = deframer.feed(data) if data else deframer.end()
-                if not self._handle_events(events) or not data:
-                    break
-                await self.writer.drain()
-                while len(self._pending) >= settings.max_in_flight:
-                    await self._wait_for_head()
-            while self._pending:
-                await self._wait_for_head()
+            await self._serve()
+        except Stopped as stop:
+            log.info("%s: %s; answering %d messages in flight", self.peer, stop.reason, len(self._pending))
+            await self._finish(self.settings.drain_timeout)
         except ConnectionError as exc:
             log.debug("%s: connection lost: %s", self.peer, exc)
         finally:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
             self._abandon_pending()
             self.writer.close()
             log.debug("%s: closed", self.peer)
+
+    def stop(self, reason: str) -> None:
+        """Stop reading; :meth:`run` answers the messages in flight, then closes."""
+        if self.reader.exception() is None:
+            self.reader.set_exception(Stopped(reason))
+
+    async def _serve(self) -> None:
+        deframer = self._deframer
+        max_in_flight = self.settings.max_in_flight
+        while True:
+            data = await self.reader.read(READ_SIZE)
+            self._last_activity = self.loop.time()
+            events = deframer.feed(data) if data else deframer.end()
+            if not self._handle_events(events) or not data:
+                break
+            self._track_frame(bool(events))
+            await self.writer.drain()
+            while len(self._pending) >= max_in_flight:
+                await self._wait_for_head()
+        await self._finish(None)
+
+    async def _finish(self, timeout: float | None) -> None:
+        """Wait for the replies still to come, up to ``timeout`` seconds, and send them."""
+        deadline = None if timeout is None else self.loop.time() + timeout
+        while self._pending:
+            left = None if deadline is None else deadline - self.loop.time()
+            if left is not None and left <= 0:
+                return
+            await self._wait_for_head(left)
 
     def _handle_events(self, events: list[framing.Event]) -> bool:
         """Act on framing events; False when the connection must close."""
@@ -163,12 +261,12 @@ class Session:
                 self._note_deviation(event.kind, event.offset)
             elif isinstance(event, framing.Oversized):
                 log.warning(
-                    "%s: message of %d bytes is over the %d byte limit; dropped",
+                    "%s: message of %d bytes is over the %d byte limit",
                     self.peer,
                     event.size,
-                    self.engine.settings.max_message_size,
+                    self.settings.max_message_size,
                 )
-                self._submit(self._nak(event.head, "AR", "message too large"))
+                self._submit(self._nak(event.head, ack.TOO_LARGE, self.engine.codec_for(event.head)))
             else:
                 log.warning("%s: strict framing: %s at byte %d; closing", self.peer, event.kind, event.offset)
                 return False
@@ -176,12 +274,12 @@ class Session:
 
     def dispatch(self, block: bytes) -> Reply:
         """Decode, parse and handle one block; return its reply."""
-        engine = self.engine
+        codec = self.engine.codec_for(block)
         try:
-            text = block.decode(engine.encoding, engine.errors)
+            text = block.decode(*codec)
         except UnicodeDecodeError as exc:
-            log.warning("%s: message does not decode as %s (byte %d); AR sent", self.peer, engine.encoding, exc.start)
-            return self._nak(block, "AR", "undecodable message")
+            log.warning("%s: message does not decode as %s (byte %d)", self.peer, codec[0], exc.start)
+            return self._nak(block, ack.UNDECODABLE, codec)
         if not text.lstrip().startswith("MSH"):
             # Junk, or a batch (FHS/BHS), which original-mode ACKs cannot answer.
             log.warning("%s: dropped a block of %d bytes that does not start with MSH", self.peer, len(block))
@@ -189,27 +287,54 @@ class Session:
         try:
             container = self.receiver.parseMessage(text)
         except Exception:
-            log.exception("%s: parseMessage failed; AR sent", self.peer)
-            return self._nak(block, "AR", "message could not be parsed")
+            log.exception("%s: parseMessage failed", self.peer)
+            return self._nak(block, ack.UNPARSEABLE, codec)
         try:
             result = self.receiver.handleMessage(container)
         except Exception:
-            return self._failed(Failure(), container)
+            return self._failed(Failure(), container, codec)
         if not is_pending_result(result):
-            return self._encode(result)
+            return self._encode(result, codec)
+        reply: asyncio.Future[bytes | None]
         if isinstance(result, Deferred):
-            result.addCallbacks(self._encode, self._failed, errbackArgs=(container,))
-            return to_future(result, self.loop)
-        return self.loop.create_task(self._settle(container, result))
+            result.addCallbacks(self._encode, self._failed, callbackArgs=(codec,), errbackArgs=(container, codec))
+            reply = result.asFuture(self.loop)
+        else:
+            reply = self.loop.create_task(self._settle(result, container, codec))
+        if self.settings.handler_timeout is not None and not reply.done():
+            reply = self._with_deadline(reply, block, codec)
+        return reply
 
-    async def _settle(self, container: Any, awaitable: Any) -> bytes | None:
+    async def _settle(self, awaitable: Any, container: Any, codec: Codec) -> bytes | None:
         try:
             result = await awaitable
         except Exception:
-            return self._failed(Failure(), container)
-        return self._encode(result)
+            return self._failed(Failure(), container, codec)
+        return self._encode(result, codec)
 
-    def _failed(self, failure: Failure, container: Any) -> bytes | None:
+    def _with_deadline(
+        self, reply: asyncio.Future[bytes | None], block: bytes, codec: Codec
+    ) -> asyncio.Future[bytes | None]:
+        """A reply that is an AE if the handler has not finished in time."""
+        answer: asyncio.Future[bytes | None] = self.loop.create_future()
+
+        def finished(done: asyncio.Future[bytes | None]) -> None:
+            if not answer.done():
+                answer.set_result(None if done.cancelled() else done.result())
+                timer.cancel()
+            else:
+                log.warning("%s: a handler finished after its timeout; its answer was dropped", self.peer)
+
+        def expired() -> None:
+            log.error("%s: handler still running after %ss; AE sent", self.peer, self.settings.handler_timeout)
+            answer.set_result(self._nak(block, ack.HANDLER_TIMEOUT, codec))
+
+        assert self.settings.handler_timeout is not None
+        timer = self.loop.call_later(self.settings.handler_timeout, expired)
+        reply.add_done_callback(finished)
+        return answer
+
+    def _failed(self, failure: Failure, container: Any, codec: Codec) -> bytes | None:
         """A handler failed: log it once, and answer with ``container.err(failure)``."""
         log.error(
             "%s: handleMessage failed: %s",
@@ -218,33 +343,32 @@ class Session:
             exc_info=(failure.type, failure.value, failure.getTracebackObject()),
         )
         try:
-            return self._encode(container.err(failure))
+            return self._encode(container.err(failure), codec)
         except Exception:
-            log.exception("%s: the container's err() failed too; AE sent", self.peer)
-            return self._nak(container.raw_message.encode(self.engine.encoding, "replace"), "AE", "handler failed")
+            log.exception("%s: the container's err() failed too", self.peer)
+            return self._nak(container.raw_message.encode(*codec), ack.HANDLER_FAILED, codec)
 
-    def _encode(self, reply: object) -> bytes | None:
+    def _encode(self, reply: object, codec: Codec) -> bytes | None:
         """The bytes of a handler's answer (text, bytes, an hl7.Message, or None)."""
         if reply is None or isinstance(reply, bytes):
             return reply
         text = str(reply)
         try:
-            return text.encode(self.engine.encoding, self.engine.errors)
+            return text.encode(*codec)
         except UnicodeEncodeError:
-            log.warning(
-                "%s: ACK does not encode as %s; unencodable characters replaced", self.peer, self.engine.encoding
-            )
-            return text.encode(self.engine.encoding, "replace")
+            log.warning("%s: ACK does not encode as %s; unencodable characters replaced", self.peer, codec[0])
+            return text.encode(codec[0], "replace")
 
-    def _nak(self, block: bytes, code: str, reason: str) -> bytes | None:
+    def _nak(self, block: bytes, rejection: ack.Rejection, codec: Codec) -> bytes | None:
         """A NAK built from whatever MSH the raw block holds; None if it holds none."""
         # MSH is ASCII in practice; latin-1 decodes any bytes, so a broken
         # message body cannot stop its header from being read.
         header = ack.read_header(block[: framing.HEAD_SIZE].decode("latin-1"))
         if header is None:
-            log.warning("%s: no MSH segment to answer; message dropped without ACK", self.peer)
+            log.warning("%s: %s, and no MSH segment to answer; dropped without ACK", self.peer, rejection.text)
             return None
-        return self._encode(ack.build_ack(header, code, text=reason))
+        log.warning("%s: %s %s: %s", self.peer, rejection.code, header.control_id, rejection.text)
+        return self._encode(ack.build_nak(header, rejection), codec)
 
     def _submit(self, reply: Reply) -> None:
         """Queue a reply behind those of earlier messages; send what is ready."""
@@ -267,17 +391,16 @@ class Session:
                 if not head.done():
                     return
                 pending.popleft()
-                if head.cancelled():
-                    continue
-                self._send(head.result())
+                if not head.cancelled():
+                    self._send(head.result())
             else:
                 pending.popleft()
                 self._send(head)
 
-    async def _wait_for_head(self) -> None:
+    async def _wait_for_head(self, timeout: float | None = None) -> None:
         head = self._pending[0]
         if isinstance(head, asyncio.Future):
-            await asyncio.wait((head,))
+            await asyncio.wait((head,), timeout=timeout)
         self._flush()
 
     def _abandon_pending(self) -> None:
@@ -302,22 +425,46 @@ class Session:
             self._deviations.add(kind)
             log.warning("%s: framing deviation tolerated: %s at byte %d", self.peer, kind, offset)
 
-    def _arm_idle_timer(self) -> None:
-        timeout = self.engine.idle_timeout
-        if timeout is not None:
-            self._idle_timer = self.loop.call_at(self._last_activity + timeout, self._check_idle)
+    def _track_frame(self, progressed: bool) -> None:
+        """Note when the message now arriving started, for ``frame_timeout``."""
+        if not self._deframer.incomplete:
+            self._frame_started = None
+        elif progressed or self._frame_started is None:
+            # A new message started in this read.
+            self._frame_started = self._last_activity
+            self._arm_timer()
 
-    def _check_idle(self) -> None:
-        # Reset lazily: reads only stamp the time, and this re-arms from it.
-        timeout = self.engine.idle_timeout
-        assert timeout is not None
-        if self._pending or self.loop.time() < self._last_activity + timeout:
-            if self._pending:
-                self._last_activity = self.loop.time()
-            self._arm_idle_timer()
+    def _arm_timer(self) -> None:
+        """Arm one timer for the nearer of the idle and frame deadlines."""
+        deadlines = []
+        if self.engine.idle_timeout is not None:
+            deadlines.append(self._last_activity + self.engine.idle_timeout)
+        if self.settings.frame_timeout is not None and self._frame_started is not None:
+            deadlines.append(self._frame_started + self.settings.frame_timeout)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadlines:
+            self._timer = self.loop.call_at(min(deadlines), self._check_timeouts)
+
+    def _check_timeouts(self) -> None:
+        # Reads only stamp the time; the timer checks it when it fires and
+        # re-arms itself, so a busy connection costs no timer per read.
+        self._timer = None
+        now = self.loop.time()
+        frame_timeout = self.settings.frame_timeout
+        if frame_timeout is not None and self._frame_started is not None and now >= self._frame_started + frame_timeout:
+            head = self._deframer.partial_head()
+            self._submit(self._nak(head, ack.INCOMPLETE, self.engine.codec_for(head)))
+            self.stop(f"message not completed within {frame_timeout}s")
             return
-        log.info("%s: idle for %ss; closing", self.peer, timeout)
-        self.writer.close()
+        idle_timeout = self.engine.idle_timeout
+        if self._pending:
+            self._last_activity = now
+        elif idle_timeout is not None and now >= self._last_activity + idle_timeout:
+            self.stop(f"idle for {idle_timeout}s")
+            return
+        self._arm_timer()
 
 
 def _peer_name(peer: object) -> str:

@@ -97,7 +97,13 @@ def control_id(text: str) -> str:
 
 @contextlib.asynccontextmanager
 async def listening(face: str, receiver: Any, **options: Any) -> AsyncIterator[int]:
-    """Serve ``receiver`` on 127.0.0.1 on a free port with one face; yield the port."""
+    """Serve ``receiver`` on 127.0.0.1 on a free port with one face; yield the port.
+
+    Connection limits are off unless given: tests open hundreds of connections
+    from 127.0.0.1 at once.
+    """
+    options.setdefault("max_connections", None)
+    options.setdefault("max_connections_per_peer", None)
     if face == "asyncio":
         server = await hl7bridge.serve(receiver, HOST, 0, backlog=BACKLOG, **options)
         try:

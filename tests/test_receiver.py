@@ -35,8 +35,8 @@ class Codec(AbstractReceiver):
 @pytest.mark.parametrize(
     ("codec", "expected"),
     [
-        (None, ("utf-8", "strict")),
-        ((None, None), ("utf-8", "strict")),
+        (None, (None, "strict")),
+        ((None, None), (None, "strict")),
         ("cp1252", ("cp1252", "strict")),
         (("latin-1", "replace"), ("latin-1", "replace")),
         (("utf-8", None), ("utf-8", "strict")),
@@ -97,9 +97,13 @@ def test_container_without_msh_cannot_ack() -> None:
 
 
 def test_base_container_sends_nothing_and_err_defaults_to_ar() -> None:
+    failure = Failure(RuntimeError("boom with patient DOE"))
     assert MessageContainer(message()).ack() is None
-    failure = Failure(RuntimeError("boom"))
-    assert msa(HL7MessageContainer(message("E1")).err(failure))[1:] == ["AR", "E1"]
+    assert MessageContainer(message()).err(failure) is None
+    nak = HL7MessageContainer(message("E1")).err(failure)
+    assert msa(nak)[1:] == ["AR", "E1", "handler failed"]
+    assert nak.split("\r")[2] == "ERR|||207^Application internal error^HL70357|E"
+    assert "boom" not in nak
 
 
 def test_logging_receiver_logs_no_message_content(caplog: pytest.LogCaptureFixture) -> None:
