@@ -266,7 +266,7 @@ class Session:
                     event.size,
                     self.settings.max_message_size,
                 )
-                self._submit(self._nak(event.head, ack.TOO_LARGE, self.engine.codec_for(event.head)))
+                self._submit(self._nak(event.head, ack.TOO_LARGE, self.engine.codec_for(event.head), partial=True))
             else:
                 log.warning("%s: strict framing: %s at byte %d; closing", self.peer, event.kind, event.offset)
                 return False
@@ -359,11 +359,18 @@ class Session:
             log.warning("%s: ACK does not encode as %s; unencodable characters replaced", self.peer, codec[0])
             return text.encode(codec[0], "replace")
 
-    def _nak(self, block: bytes, rejection: ack.Rejection, codec: Codec) -> bytes | None:
-        """A NAK built from whatever MSH the raw block holds; None if it holds none."""
+    def _nak(self, block: bytes, rejection: ack.Rejection, codec: Codec, partial: bool = False) -> bytes | None:
+        """A NAK built from whatever MSH the raw block holds; None if it holds none.
+
+        A ``partial`` block (the start of a message) counts only if its MSH
+        segment is complete: a cut-off MSH-10 must not be answered.
+        """
         # MSH is ASCII in practice; latin-1 decodes any bytes, so a broken
         # message body cannot stop its header from being read.
-        header = ack.read_header(block[: framing.HEAD_SIZE].decode("latin-1"))
+        text = block[: framing.HEAD_SIZE].decode("latin-1")
+        header = ack.read_header(text)
+        if partial and header is not None and len(header.segment) >= len(text.lstrip()):
+            header = None
         if header is None:
             log.warning("%s: %s, and no MSH segment to answer; dropped without ACK", self.peer, rejection.text)
             return None
@@ -455,7 +462,7 @@ class Session:
         frame_timeout = self.settings.frame_timeout
         if frame_timeout is not None and self._frame_started is not None and now >= self._frame_started + frame_timeout:
             head = self._deframer.partial_head()
-            self._submit(self._nak(head, ack.INCOMPLETE, self.engine.codec_for(head)))
+            self._submit(self._nak(head, ack.INCOMPLETE, self.engine.codec_for(head), partial=True))
             self.stop(f"message not completed within {frame_timeout}s")
             return
         idle_timeout = self.engine.idle_timeout

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -59,10 +60,10 @@ def fields(segment: str) -> list[str]:
 
 
 def msa(ack_text: str) -> list[str]:
-    """The MSA fields of an ACK (index 1 is MSA-1)."""
+    """The MSA fields of an ACK (index 1 is MSA-1), in the ACK's own field separator."""
     for segment in ack_text.split("\r"):
-        if segment.startswith("MSA|"):
-            return fields(segment)
+        if segment.startswith("MSA") and len(segment) > 3:
+            return segment.split(segment[3])
     raise AssertionError(f"no MSA segment in {ack_text!r}")
 
 
@@ -91,7 +92,8 @@ def corpus_messages() -> list[tuple[str, str]]:
 
 def control_id(text: str) -> str:
     """MSH-10 by plain splitting, independent of the code under test."""
-    msh = fields(text.lstrip().split("\r")[0])
+    segment = re.split("[\r\n]", text.lstrip(), maxsplit=1)[0]
+    msh = segment.split(segment[3]) if len(segment) > 3 else []
     return msh[9] if len(msh) > 9 else ""
 
 

@@ -1,0 +1,364 @@
+"""Hard to break: limits, timeouts, faults, charsets and shutdown, on both faces.
+
+docs/reliability.md lists these tests by name; a test here keeps that table true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer, reactor
+
+import hl7bridge
+from hl7bridge.defer import to_future
+from hl7bridge.mllp import MLLPFactory
+from hl7bridge.receiver import AbstractHL7Receiver, AbstractReceiver, HL7MessageContainer, MessageContainer
+from tests.support import (
+    BACKLOG,
+    FACES,
+    HOST,
+    Peer,
+    asyncio_test,
+    control_id,
+    corpus_messages,
+    frame,
+    listening,
+    message,
+    msa,
+)
+from tests.test_session import Recording, exchange, ids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# Connection limits
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_connections_past_the_limit_are_closed_and_others_served(face: str) -> None:
+    async with listening(face, Recording(), max_connections=2) as port:
+        first, second = await Peer.connect(port), await Peer.connect(port)
+        await first.send(frame(message("L1").encode()))
+        assert ids([await first.reply()]) == ["L1"]
+        third = await Peer.connect(port)
+        assert await third.closed_by_peer()
+        await second.send(frame(message("L2").encode()))
+        assert ids([await second.reply()]) == ["L2"]
+        await first.close()
+        await asyncio.sleep(0.2)
+        fourth = await Peer.connect(port)
+        await fourth.send(frame(message("L4").encode()))
+        assert ids([await fourth.reply()]) == ["L4"]
+        for peer in (second, third, fourth):
+            await peer.close()
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_connections_per_peer_address_are_limited(face: str) -> None:
+    async with listening(face, Recording(), max_connections_per_peer=1) as port:
+        first = await Peer.connect(port)
+        second = await Peer.connect(port)
+        assert await second.closed_by_peer()
+        # Another address on the loopback network is another peer.
+        reader, writer = await asyncio.open_connection(HOST, port, local_addr=("127.0.0.2", 0))
+        other = Peer(reader, writer)
+        await other.send(frame(message("P2").encode()))
+        assert ids([await other.reply()]) == ["P2"]
+        await first.send(frame(message("P1").encode()))
+        assert ids([await first.reply()]) == ["P1"]
+        for peer in (first, second, other):
+            await peer.close()
+
+
+# Timeouts
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_slow_sender_gets_ar_and_is_closed_while_others_are_served(face: str) -> None:
+    async with listening(face, Recording(), frame_timeout=0.5) as port:
+        slow, fast = await Peer.connect(port), await Peer.connect(port)
+        data = frame(message("SLOW1").encode())
+        started = time.monotonic()
+
+        async def dribble() -> None:
+            # The MSH at once, then one byte every 50 ms: never idle, never
+            # finishing (slowloris).
+            head = data.index(b"\r") + 1
+            slow.writer.write(data[:head])
+            for byte in data[head:-2]:
+                if slow.writer.is_closing():
+                    return
+                slow.writer.write(bytes([byte]))
+                await asyncio.sleep(0.05)
+
+        sending = asyncio.ensure_future(dribble())
+        for number in range(3):
+            await fast.send(frame(message(f"FAST{number}").encode()))
+            assert ids([await fast.reply()]) == [f"FAST{number}"]
+        reply = await slow.reply()
+        assert msa(reply.decode())[1:4] == ["AR", "SLOW1", "message not completed in time"]
+        assert await slow.closed_by_peer()
+        assert 0.4 < time.monotonic() - started < 5
+        sending.cancel()
+        await slow.close()
+        await fast.close()
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_stuck_frame_without_msh_is_closed_without_ack(face: str, caplog: pytest.LogCaptureFixture) -> None:
+    async with listening(face, Recording(), frame_timeout=0.3) as port:
+        peer = await Peer.connect(port)
+        await peer.send(b"\x0bMS")
+        assert await peer.closed_by_peer()
+        await peer.close()
+    assert any("no MSH segment to answer" in r.getMessage() for r in caplog.records)
+
+
+class Hanging(AbstractHL7Receiver):
+    """Never answers messages whose control id starts with HANG; answers LATE after 0.6 s."""
+
+    def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        name = control_id(container.raw_message)
+        if name.startswith("HANG"):
+            return defer.Deferred()
+        if name.startswith("LATE"):
+            return self.late(container)
+        return container.ack()
+
+    async def late(self, container: MessageContainer) -> str | None:
+        await asyncio.sleep(0.6)
+        return container.ack()
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_handler_timeout_answers_ae_once_and_the_connection_goes_on(
+    face: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with listening(face, Hanging(), handler_timeout=0.3) as port:
+        peer = await Peer.connect(port)
+        await peer.send(b"".join(frame(message(n).encode()) for n in ("HANG1", "LATE1", "OK1")))
+        replies = await peer.replies(3)
+        assert [msa(r.decode())[1:4] for r in replies] == [
+            ["AE", "HANG1", "handler timed out"],
+            ["AE", "LATE1", "handler timed out"],
+            ["AA", "OK1"],
+        ]
+        # LATE1's handler finishes after its AE: nothing more is sent.
+        await peer.no_reply(0.6)
+        await peer.close()
+    assert any("finished after its timeout" in r.getMessage() for r in caplog.records)
+
+
+# Faults
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_peer_reset_mid_frame_leaves_the_listener_serving(face: str, caplog: pytest.LogCaptureFixture) -> None:
+    async with listening(face, Recording()) as port:
+        for _ in range(5):
+            peer = await Peer.connect(port)
+            await peer.send(frame(message("HALF").encode())[:60])
+            await asyncio.sleep(0.02)
+            peer.writer.transport.abort()
+        other = await Peer.connect(port)
+        await other.send(frame(message("AFTER").encode()))
+        assert ids([await other.reply()]) == ["AFTER"]
+        await other.close()
+    assert errors_logged(caplog) == []
+
+
+class StrictParser(AbstractReceiver):
+    """Parses like an old receiver that refuses message types it does not know."""
+
+    def parseMessage(self, raw_message: str) -> MessageContainer:  # noqa: N802
+        if "|ZZZ^" in raw_message:
+            raise ValueError("unknown message type")
+        return HL7MessageContainer(raw_message)
+
+    def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        return container.ack()
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_parse_failure_gets_ar_with_err_segment(face: str) -> None:
+    bad = message("Z1").replace("ADT^A01^ADT_A01", "ZZZ^Z01")
+    replies = await exchange(face, StrictParser(), frame(bad.encode()) + frame(message("OK1").encode()), 2)
+    nak = replies[0].decode().split("\r")
+    assert nak[1] == "MSA|AR|Z1|message could not be parsed"
+    assert nak[2] == "ERR|||100^Segment sequence error^HL70357|E"
+    assert ids(replies[1:]) == ["OK1"]
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_ten_megabyte_frame_over_a_one_megabyte_limit(face: str) -> None:
+    big = message("HUGE", body="OBX|1|ED|PDF^Base64||" + "QUJD" * (10 * 1024 * 1024 // 4) + "\r").encode()
+    async with listening(face, Recording(), max_message_size=1024 * 1024) as port:
+        peer = await Peer.connect(port)
+        sending = asyncio.ensure_future(peer.send(frame(big) + frame(message("NEXT").encode())))
+        replies = await peer.replies(2, timeout=30)
+        await sending
+        assert [msa(r.decode())[1:4] for r in replies] == [["AR", "HUGE", "message too large"], ["AA", "NEXT"]]
+        await peer.close()
+
+
+# Charsets
+
+
+class NoCodec(Recording):
+    pass
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_msh18_is_followed_when_asked_and_the_ack_encoded_alike(face: str) -> None:
+    def declared(charset: str, name: str) -> str:
+        text = message(name, body="PID|1||9||M\u00fcller^J\u00fcrgen\r").replace("RECVFAC", "H\u00f4pital")
+        return text.replace("|P|2.5\r", f"|P|2.5||||||{charset}\r", 1)
+
+    latin = declared("8859/1", "C1")
+    utf8 = declared("UNICODE UTF-8", "C2")
+    receiver = NoCodec(codec=None)
+    data = frame(latin.encode("latin-1")) + frame(utf8.encode("utf-8"))
+    replies = await exchange(face, receiver, data, 2, follow_msh18=True)
+    assert receiver.received == [latin, utf8]
+    assert "H\u00f4pital".encode("latin-1") in replies[0]
+    assert "H\u00f4pital".encode("utf-8") in replies[1]
+
+    # The receiver's codec wins over MSH-18.
+    forced = NoCodec(codec="cp1252")
+    await exchange(face, forced, frame(utf8.encode("utf-8")), 1, follow_msh18=True)
+    assert "M\u00c3\u00bcller" in forced.received[0]
+
+
+# Shutdown
+
+
+class Slow(AbstractHL7Receiver):
+    def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        return self.later(container)
+
+    async def later(self, container: MessageContainer) -> str | None:
+        await asyncio.sleep(0.3)
+        return container.ack()
+
+
+async def start(face: str, receiver: Any, **options: Any) -> tuple[int, Any]:
+    """A listener and the coroutine function that shuts it down gracefully."""
+    if face == "asyncio":
+        server = await hl7bridge.serve(receiver, HOST, 0, backlog=BACKLOG, **options)
+        return server.sockets[0].getsockname()[1], lambda: hl7bridge.shutdown(server)
+    factory = MLLPFactory(receiver, **options)
+    port = reactor.listenTCP(0, factory, backlog=BACKLOG, interface=HOST)
+
+    async def stop() -> None:
+        await to_future(port.stopListening(), asyncio.get_running_loop())
+        await to_future(factory.drain(), asyncio.get_running_loop())
+
+    return port.getHost().port, stop
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_shutdown_answers_messages_in_flight_then_closes(face: str) -> None:
+    port, stop = await start(face, Slow())
+    peer = await Peer.connect(port)
+    await peer.send(b"".join(frame(message(f"D{i}").encode()) for i in range(3)))
+    await asyncio.sleep(0.1)
+    stopping = asyncio.ensure_future(stop())
+    assert ids(await peer.replies(3)) == ["D0", "D1", "D2"]
+    assert await peer.closed_by_peer()
+    await stopping
+    with pytest.raises(OSError):
+        await Peer.connect(port)
+    await peer.close()
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_shutdown_is_bounded_by_the_drain_timeout(face: str, caplog: pytest.LogCaptureFixture) -> None:
+    port, stop = await start(face, Hanging(), drain_timeout=0.3)
+    peer = await Peer.connect(port)
+    await peer.send(frame(message("HANG9").encode()))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await stop()
+    assert time.monotonic() - started < 3
+    assert await peer.closed_by_peer()
+    await peer.close()
+    assert any("1 ACKs unsent" in r.getMessage() for r in caplog.records)
+
+
+# Load
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count file descriptors")
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_load_300_connections_30_messages_each_acked_exactly_once(
+    face: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="hl7bridge")
+    try:
+        texts = [text for _, text in corpus_messages() if text.startswith("MSH")]
+    except pytest.skip.Exception:
+        texts = [message(f"OWN{i}") for i in range(30)]
+    fds_before = open_fds()
+
+    async def sender(number: int) -> list[tuple[str, str]]:
+        peer = await Peer.connect(port)
+        sent = []
+        for index in range(30):
+            text = texts[(number + index) % len(texts)]
+            await peer.send(frame(text.encode()))
+            reply = msa((await peer.reply(timeout=60)).decode())
+            sent.append((control_id(text), reply[2]))
+            assert reply[1] == "AA"
+        await peer.no_reply(0.05)
+        await peer.close()
+        return sent
+
+    started = time.monotonic()
+    async with listening(face, Recording()) as port:
+        results = await asyncio.gather(*(sender(n) for n in range(300)))
+    assert time.monotonic() - started < 120
+    pairs = [pair for result in results for pair in result]
+    assert len(pairs) == 9000
+    assert all(sent == acked for sent, acked in pairs)
+    await asyncio.sleep(0.2)
+    assert open_fds() <= fds_before
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# The table in docs/reliability.md
+
+
+def test_reliability_table_names_only_tests_that_exist() -> None:
+    table = (ROOT / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"`(test_\w+)`", table))
+    sources = "".join(path.read_text() for path in (ROOT / "tests").rglob("test_*.py"))
+    defined = set(re.findall(r"def (test_\w+)", sources))
+    assert named, "docs/reliability.md names no tests"
+    assert named <= defined, sorted(named - defined)
