@@ -21,13 +21,24 @@ run: $(STAMP)
 	$(BIN)/hl7bridge serve --endpoint tcp:2575:interface=127.0.0.1
 
 lint: $(STAMP)
-	$(BIN)/ruff check hl7bridge tests
-	$(BIN)/ruff format --check hl7bridge tests
+	$(BIN)/ruff check hl7bridge tests twisted
+	$(BIN)/ruff format --check hl7bridge tests twisted
 	$(BIN)/mypy hl7bridge
 
 format: $(STAMP)
-	$(BIN)/ruff format hl7bridge tests
-	$(BIN)/ruff check --fix hl7bridge tests
+	$(BIN)/ruff format hl7bridge tests twisted
+	$(BIN)/ruff check --fix hl7bridge tests twisted
 
 clean:
 	rm -rf $(VENV) .venv-* build *.egg-info .mypy_cache .ruff_cache
+
+# make bench: the benchmark of docs/performance.md (about 6 minutes; needs cc and taskset)
+BENCH_STAMP := $(VENV)/.bench-installed
+.PHONY: bench
+
+$(BENCH_STAMP): setup.cfg setup.py | $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/run.py --write-docs

@@ -1,0 +1,99 @@
+"""``twistd hl7bridge``: the options and service behind the twistd plugin.
+
+Takes txHL7's ``twistd mllp`` options (``--endpoint``, ``--receiver``) and the
+limits of ``hl7bridge serve``. twistd must run the asyncio reactor:
+``twistd -n --reactor asyncio hl7bridge ...``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, cast
+
+from twisted.application import service, strports
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.python import usage
+
+from hl7bridge.errors import WrongReactor
+from hl7bridge.mllp import MLLPFactory
+from hl7bridge.reactor import event_loop
+from hl7bridge.session import Settings
+
+DEFAULT_RECEIVER = "hl7bridge.receiver.LoggingReceiver"
+DEFAULT_ENDPOINT = "tcp:2575"
+
+
+def load_receiver(path: str) -> Any:
+    """The receiver named by a dotted path: a class is instantiated with no arguments."""
+    from twisted.python.reflect import namedAny
+
+    target = namedAny(path)
+    return target() if isinstance(target, type) else target
+
+
+def _optional(kind: type) -> Any:
+    return lambda text: None if text.lower() == "none" else kind(text)
+
+
+class Options(usage.Options):
+    """The options of ``twistd hl7bridge`` and ``hl7bridge serve``."""
+
+    synopsis = "[options]"
+
+    _defaults = Settings()
+    optParameters = [
+        ["endpoint", "e", DEFAULT_ENDPOINT, "Twisted server endpoint string"],
+        ["receiver", "r", DEFAULT_RECEIVER, "dotted path of an IHL7Receiver class or instance"],
+        ["framing", None, _defaults.framing, "lenient or strict"],
+        ["max-message-size", None, _defaults.max_message_size, "largest message in bytes", int],
+        ["max-connections", None, _defaults.max_connections, "connections at once (or none)", _optional(int)],
+        ["max-connections-per-peer", None, _defaults.max_connections_per_peer, "per address (or none)", _optional(int)],
+        ["max-in-flight", None, _defaults.max_in_flight, "messages handled at once per connection", int],
+        ["idle-timeout", None, _defaults.idle_timeout, "seconds (or none)", _optional(float)],
+        ["frame-timeout", None, _defaults.frame_timeout, "seconds (or none)", _optional(float)],
+        ["handler-timeout", None, _defaults.handler_timeout, "seconds (or none)", _optional(float)],
+        ["drain-timeout", None, _defaults.drain_timeout, "seconds", float],
+    ]
+    optFlags = [["follow-msh18", None, "decode in the charset MSH-18 declares when the receiver names none"]]
+
+    def settings(self) -> dict[str, Any]:
+        """The listener settings given, as keyword arguments."""
+        return {field.name: self[field.name.replace("_", "-")] for field in fields(Settings)}
+
+    def postOptions(self) -> None:  # noqa: N802
+        self["follow-msh18"] = bool(self["follow-msh18"])
+        try:
+            Settings(**self.settings())
+        except ValueError as exc:
+            raise usage.UsageError(str(exc)) from exc
+
+
+class DrainingService(service.MultiService):
+    """Stops listening first, then drains the connections of its factory."""
+
+    def __init__(self, factory: MLLPFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        stopped: Deferred[Any] = super().stopService()
+        return stopped.addCallback(lambda _: self.factory.drain())
+
+
+def build_factory(options: Options) -> MLLPFactory:
+    """The factory for the receiver and settings given (after the reactor is installed:
+    receiver modules written for txHL7 often import ``twisted.internet.reactor``)."""
+    return MLLPFactory(load_receiver(options["receiver"]), **options.settings())
+
+
+def makeService(options: Options) -> service.IService:  # noqa: N802
+    """The listening service for ``twistd hl7bridge``."""
+    try:
+        event_loop()
+    except WrongReactor as exc:
+        raise usage.UsageError(f"{exc}. Add --reactor asyncio: twistd -n --reactor asyncio hl7bridge ...") from exc
+    factory = build_factory(options)
+    top = DrainingService(factory)
+    strports.service(options["endpoint"], cast(IProtocolFactory, factory)).setServiceParent(top)
+    return cast(service.IService, top)
