@@ -5,19 +5,23 @@ Importing hl7bridge never installs a Twisted reactor: call
 """
 
 from hl7bridge.errors import HL7BridgeError, LocalError, MissingExtra, NotAReceiver, RemoteError, WrongReactor
-from hl7bridge.server import serve, shutdown
+from hl7bridge.handlers import HandlerReceiver, as_receiver
+from hl7bridge.server import serve, shutdown, stream_callback
 from hl7bridge.session import Settings
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HL7BridgeError",
+    "HandlerReceiver",
     "LocalError",
     "MissingExtra",
     "NotAReceiver",
     "RemoteError",
     "Settings",
     "WrongReactor",
+    "as_receiver",
     "serve",
     "shutdown",
+    "stream_callback",
 ]

@@ -10,6 +10,7 @@ converts between the two worlds.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
@@ -22,6 +23,8 @@ def to_deferred(awaitable: Awaitable[T], loop: asyncio.AbstractEventLoop | None 
     """Run ``awaitable`` (a coroutine or future) on the asyncio loop; return a Deferred of its result."""
     if isinstance(awaitable, Deferred):
         return awaitable
+    if asyncio.iscoroutine(awaitable):
+        return Deferred.fromFuture((loop or asyncio.get_event_loop()).create_task(awaitable))
     return Deferred.fromFuture(asyncio.ensure_future(awaitable, loop=loop))
 
 
@@ -32,6 +35,15 @@ def to_future(result: Deferred[T] | Coroutine[Any, Any, T], loop: asyncio.Abstra
     return asyncio.ensure_future(result, loop=loop)
 
 
+async def settle(result: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """The value of a handler's result: a Deferred or awaitable is awaited, a value returned."""
+    if isinstance(result, Deferred):
+        return await result.asFuture(loop)
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
 def is_pending_result(result: object) -> bool:
     """Whether a handler's result is still to come: a Deferred or an awaitable."""
-    return isinstance(result, Deferred) or asyncio.isfuture(result) or asyncio.iscoroutine(result)
+    return isinstance(result, Deferred) or inspect.isawaitable(result)

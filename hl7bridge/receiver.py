@@ -52,10 +52,11 @@ class MessageContainer:
         return None
 
     def err(self, failure: Failure) -> str | None:
-        """The answer when ``handleMessage`` fails: by default an AR ACK.
+        """The answer when ``handleMessage`` fails: ``self.ack("AR")``, as in txHL7.
 
-        hl7bridge has already logged ``failure`` once; override to answer
-        differently (AE, or None for no answer).
+        This base container's ``ack`` gives None, so it answers nothing;
+        :class:`HL7MessageContainer` answers an AR. hl7bridge has already
+        logged ``failure`` once; override to answer differently.
         """
         return self.ack(ack_code="AR")
 

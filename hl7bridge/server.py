@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from hl7.mllp import HL7StreamReader, HL7StreamWriter, start_hl7_server
@@ -15,12 +16,12 @@ from hl7bridge.session import Engine, Settings
 _engines: weakref.WeakKeyDictionary[asyncio.Server, Engine] = weakref.WeakKeyDictionary()
 
 
-async def serve(receiver: Any, host: str | None = None, port: int | None = None, **options: Any) -> asyncio.Server:
-    """Listen for MLLP on ``host``:``port`` and serve ``receiver`` on every connection.
+async def serve(target: Any, host: str | None = None, port: int | None = None, **options: Any) -> asyncio.Server:
+    """Listen for MLLP on ``host``:``port`` and serve ``target`` on every connection.
 
     Args:
-        receiver: an ``IHL7Receiver`` (hl7bridge's, txHL7's, or any object with
-            its four methods).
+        target: an ``IHL7Receiver`` (hl7bridge's, txHL7's, or any object with
+            its four methods) or a handler (``async def handle(message)``).
         host, port: where to listen, as for ``loop.create_server``.
         **options: the fields of :class:`hl7bridge.session.Settings`
             (``framing``, ``max_message_size``, the timeouts and limits);
@@ -33,16 +34,20 @@ async def serve(receiver: Any, host: str | None = None, port: int | None = None,
     Raises:
         WrongReactor: a Twisted reactor is installed that does not run on this loop.
     """
-    loop = asyncio.get_running_loop()
-    check_loop(loop)
-    engine = Engine(receiver, Settings.take(options))
-
-    def connected(reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
-        engine.start_connection(reader, writer, loop)
-
-    server = await start_hl7_server(connected, host, port, **options)
+    check_loop(asyncio.get_running_loop())
+    engine = Engine(target, Settings.take(options))
+    server = await start_hl7_server(engine.connected, host, port, **options)
     _engines[server] = engine
     return server
+
+
+def stream_callback(target: Any, **options: Any) -> Callable[[HL7StreamReader, HL7StreamWriter], None]:
+    """A callback for ``hl7.mllp.start_hl7_server`` that serves ``target`` (receiver or handler).
+
+    For code that starts its ``hl7.mllp`` servers itself: each connection is
+    served as :func:`serve` would, with the settings given as ``options``.
+    """
+    return Engine(target, Settings(**options)).connected
 
 
 async def shutdown(server: asyncio.Server, drain_timeout: float | None = None) -> None:

@@ -24,6 +24,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, fields
 from typing import Any, Union
 
+import hl7
 from hl7.mllp import HL7StreamReader, HL7StreamWriter
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -31,7 +32,8 @@ from twisted.python.failure import Failure
 from hl7bridge import ack, charsets, framing
 from hl7bridge.defer import is_pending_result
 from hl7bridge.framing import DEFAULT_MAX_MESSAGE_SIZE, LENIENT
-from hl7bridge.receiver import DEFAULT_ENCODING, check_receiver, codec_of
+from hl7bridge.handlers import as_receiver
+from hl7bridge.receiver import DEFAULT_ENCODING, codec_of
 
 log = logging.getLogger("hl7bridge.session")
 
@@ -83,8 +85,16 @@ class Settings:
     def __post_init__(self) -> None:
         if self.framing not in framing.FRAMING_MODES:
             raise ValueError(f"framing must be one of {framing.FRAMING_MODES}, not {self.framing!r}")
-        if self.max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        for name in ("max_message_size", "max_in_flight", "max_connections", "max_connections_per_peer"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None where no limit is allowed)")
+        for name in ("idle_timeout", "frame_timeout", "handler_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be more than 0 seconds, or None for no limit")
+        if self.drain_timeout < 0:
+            raise ValueError("drain_timeout must not be negative")
 
     @classmethod
     def take(cls, options: dict[str, Any]) -> Settings:
@@ -106,12 +116,12 @@ class Engine:
 
     Args:
         receiver: an ``IHL7Receiver`` (hl7bridge's or txHL7's, or any object
-            with its four methods).
+            with its four methods), or a handler (see :mod:`hl7bridge.handlers`).
         settings: listener settings; defaults if None.
     """
 
     def __init__(self, receiver: Any, settings: Settings | None = None) -> None:
-        self.receiver = check_receiver(receiver)
+        self.receiver = receiver = as_receiver(receiver)
         self.settings = settings or Settings()
         self.codec = codec_of(receiver)
         timeout = receiver.getTimeout()
@@ -131,6 +141,10 @@ class Engine:
             header = ack.read_header(block[: framing.HEAD_SIZE].decode("latin-1"))
             encoding = charsets.codec_for(header.charset) if header is not None else None
         return encoding or DEFAULT_ENCODING, errors
+
+    def connected(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
+        """A ``start_hl7_server`` callback: serve the new connection on the running loop."""
+        self.start_connection(reader, writer, asyncio.get_running_loop())
 
     def start_connection(
         self, reader: HL7StreamReader, writer: HL7StreamWriter, loop: asyncio.AbstractEventLoop
@@ -237,7 +251,7 @@ class Session:
             events = deframer.feed(data) if data else deframer.end()
             if not self._handle_events(events) or not data:
                 break
-            self._track_frame(bool(events))
+            self._track_frame(any(isinstance(event, (framing.Frame, framing.Oversized)) for event in events))
             await self.writer.drain()
             while len(self._pending) >= max_in_flight:
                 await self._wait_for_head()
@@ -297,7 +311,8 @@ class Session:
             return self._encode(result, codec)
         reply: asyncio.Future[bytes | None]
         if isinstance(result, Deferred):
-            result.addCallbacks(self._encode, self._failed, callbackArgs=(codec,), errbackArgs=(container, codec))
+            # An answer that cannot be encoded fails like the handler did.
+            result.addCallback(self._encode, codec).addErrback(self._failed, container, codec)
             reply = result.asFuture(self.loop)
         else:
             reply = self.loop.create_task(self._settle(result, container, codec))
@@ -307,10 +322,9 @@ class Session:
 
     async def _settle(self, awaitable: Any, container: Any, codec: Codec) -> bytes | None:
         try:
-            result = await awaitable
+            return self._encode(await awaitable, codec)
         except Exception:
             return self._failed(Failure(), container, codec)
-        return self._encode(result, codec)
 
     def _with_deadline(
         self, reply: asyncio.Future[bytes | None], block: bytes, codec: Codec
@@ -346,12 +360,20 @@ class Session:
             return self._encode(container.err(failure), codec)
         except Exception:
             log.exception("%s: the container's err() failed too", self.peer)
-            return self._nak(container.raw_message.encode(*codec), ack.HANDLER_FAILED, codec)
+        # The NAK reads only the MSH, which latin-1 carries whatever the codec.
+        raw = getattr(container, "raw_message", "")
+        return self._nak(raw.encode("latin-1", "replace"), ack.HANDLER_FAILED, (codec[0], "replace"))
 
     def _encode(self, reply: object, codec: Codec) -> bytes | None:
-        """The bytes of a handler's answer (text, bytes, an hl7.Message, or None)."""
+        """The bytes of a handler's answer (text, bytes, an hl7.Message, or None).
+
+        Raises:
+            TypeError: the answer is something else (a Deferred from ``err()``, say).
+        """
         if reply is None or isinstance(reply, bytes):
             return reply
+        if not isinstance(reply, (str, hl7.Message)):
+            raise TypeError(f"an answer must be text, bytes, an hl7.Message or None, not {type(reply).__name__}")
         text = str(reply)
         try:
             return text.encode(*codec)
@@ -432,11 +454,15 @@ class Session:
             self._deviations.add(kind)
             log.warning("%s: framing deviation tolerated: %s at byte %d", self.peer, kind, offset)
 
-    def _track_frame(self, progressed: bool) -> None:
-        """Note when the message now arriving started, for ``frame_timeout``."""
+    def _track_frame(self, finished: bool) -> None:
+        """Note when the message now arriving started, for ``frame_timeout``.
+
+        Only a finished message restarts the clock: a sender that keeps
+        restarting a block (or dribbling junk) does not.
+        """
         if not self._deframer.incomplete:
             self._frame_started = None
-        elif progressed or self._frame_started is None:
+        elif finished or self._frame_started is None:
             # A new message started in this read.
             self._frame_started = self._last_activity
             self._arm_timer()

@@ -7,12 +7,14 @@ limits of ``hl7bridge serve``. twistd must run the asyncio reactor:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import fields
 from typing import Any, cast
 
 from twisted.application import service, strports
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
 from hl7bridge.errors import WrongReactor
@@ -69,6 +71,31 @@ class Options(usage.Options):
             raise usage.UsageError(str(exc)) from exc
 
 
+class TwistedLogHandler(logging.Handler):
+    """Python logging records, emitted into Twisted's log (what twistd writes)."""
+
+    LEVELS = {
+        logging.DEBUG: LogLevel.debug,
+        logging.INFO: LogLevel.info,
+        logging.WARNING: LogLevel.warn,
+        logging.ERROR: LogLevel.error,
+        logging.CRITICAL: LogLevel.critical,
+    }
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = self.LEVELS.get(record.levelno, LogLevel.info)
+        Logger(namespace=record.name).emit(level, "{text}", text=self.format(record))
+
+
+def log_to_twisted(level: int = logging.INFO) -> None:
+    """Send hl7bridge's log records to Twisted's log, once."""
+    logger = logging.getLogger("hl7bridge")
+    if not any(isinstance(handler, TwistedLogHandler) for handler in logger.handlers):
+        logger.addHandler(TwistedLogHandler())
+        logger.setLevel(level)
+        logger.propagate = False
+
+
 class DrainingService(service.MultiService):
     """Stops listening first, then drains the connections of its factory."""
 
@@ -92,7 +119,11 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
     try:
         event_loop()
     except WrongReactor as exc:
-        raise usage.UsageError(f"{exc}. Add --reactor asyncio: twistd -n --reactor asyncio hl7bridge ...") from exc
+        raise usage.UsageError(
+            "hl7bridge needs Twisted's asyncio reactor. Add --reactor asyncio: "
+            f"twistd -n --reactor asyncio hl7bridge ... ({exc})"
+        ) from exc
+    log_to_twisted()
     factory = build_factory(options)
     top = DrainingService(factory)
     strports.service(options["endpoint"], cast(IProtocolFactory, factory)).setServiceParent(top)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from twisted.internet import reactor
 
 import hl7bridge
-from hl7bridge.defer import to_deferred, to_future
+from hl7bridge.defer import to_future
 from hl7bridge.mllp import MLLPFactory
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
@@ -27,20 +26,6 @@ HOST = "127.0.0.1"
 BACKLOG = 1024
 
 CORPUS = Path(os.environ.get("HL7BRIDGE_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
-
-
-def asyncio_test(test: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """Run an ``async def`` test as an asyncio task on the reactor's loop.
-
-    pytest-twisted would drive it with ``ensureDeferred``, which cannot await
-    asyncio futures; a Deferred over a task can.
-    """
-
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return to_deferred(asyncio.wait_for(test(*args, **kwargs), 60))
-
-    return run
 
 
 def message(control_id: str = "MSG00001", trigger: str = "A01", body: str = "PID|1||12345||DOE^JANE\r") -> str:

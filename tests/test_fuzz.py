@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from twisted.logger import globalLogPublisher
 
 from hl7bridge.framing import Deframer, Frame
+from hl7bridge.testing import asyncio_test
 from tests.cases import CR, FS, M1, M2, VT
-from tests.support import FACES, Peer, asyncio_test, control_id, frame, listening, message, msa
+from tests.support import FACES, Peer, control_id, frame, listening, message, msa
 from tests.test_session import Recording
 
 PIECES = st.one_of(

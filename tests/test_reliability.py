@@ -20,12 +20,12 @@ import hl7bridge
 from hl7bridge.defer import to_future
 from hl7bridge.mllp import MLLPFactory
 from hl7bridge.receiver import AbstractHL7Receiver, AbstractReceiver, HL7MessageContainer, MessageContainer
+from hl7bridge.testing import asyncio_test
 from tests.support import (
     BACKLOG,
     FACES,
     HOST,
     Peer,
-    asyncio_test,
     control_id,
     corpus_messages,
     frame,

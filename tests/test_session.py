@@ -11,8 +11,9 @@ import pytest
 from twisted.internet import defer, reactor, threads
 
 from hl7bridge.receiver import AbstractHL7Receiver, AbstractReceiver, HL7MessageContainer, MessageContainer
+from hl7bridge.testing import asyncio_test
 from tests.cases import CASES, Case
-from tests.support import FACES, FS, VT, Peer, asyncio_test, control_id, frame, listening, message, msa
+from tests.support import FACES, FS, VT, Peer, control_id, frame, listening, message, msa
 
 
 class Recording(AbstractHL7Receiver):

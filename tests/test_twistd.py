@@ -62,9 +62,11 @@ def test_twistd_serves_from_the_wheel_and_drains_on_sigterm(installed: Path, tmp
     message_file = tmp_path / "m.hl7"
     message_file.write_bytes(b"\x0bMSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|TWISTD01|P|2.5\rPID|1||1||X^Y\r\x1c\r")
     assert "MSA|AA|TWISTD01" in mllp_send(port, message_file).replace("\r", "\n")
+    # hl7bridge's own log lines reach twistd's log (LoggingReceiver's, here).
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=30)
     log = "".join(lines) + out
+    assert "received ADT^A01 control id TWISTD01" in log
     # twistd ends by re-raising the signal that stopped it, after a clean shutdown.
     assert process.returncode in (0, -signal.SIGTERM), log
     assert "Server Shut Down." in log

@@ -16,7 +16,8 @@ from twisted.internet import endpoints, reactor
 
 from hl7bridge.defer import to_future
 from hl7bridge.mllp import MLLPFactory
-from tests.support import Peer, asyncio_test, frame, message, msa
+from hl7bridge.testing import asyncio_test
+from tests.support import Peer, frame, message, msa
 from tests.test_session import Recording
 
 

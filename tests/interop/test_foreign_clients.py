@@ -10,7 +10,8 @@ from hl7.client import MLLPClient
 from hl7.mllp import open_hl7_connection
 
 from hl7bridge.receiver import AbstractHL7Receiver
-from tests.support import FACES, HOST, asyncio_test, control_id, corpus_messages, listening, msa
+from hl7bridge.testing import asyncio_test
+from tests.support import FACES, HOST, control_id, corpus_messages, listening, msa
 
 
 class AckAll(AbstractHL7Receiver):

@@ -10,8 +10,9 @@ from twisted.internet import reactor
 from txHL7.mllp import MLLPFactory as TxHL7Factory
 
 from hl7bridge.defer import to_future
+from hl7bridge.testing import asyncio_test
 from tests.legacy.cp1252_receiver import EXPECTED_SURNAME, Cp1252Receiver
-from tests.support import BACKLOG, FACES, HOST, Peer, asyncio_test, frame, listening, message, msa, without_time_and_id
+from tests.support import BACKLOG, FACES, HOST, Peer, frame, listening, message, msa, without_time_and_id
 
 # Non-ASCII in the patient name (checked by the receiver) and in the
 # receiving facility (copied into the ACK's MSH-4, so the ACK's encoding shows).
