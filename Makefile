@@ -21,13 +21,13 @@ run: $(STAMP)
 	$(BIN)/hl7bridge serve --endpoint tcp:2575:interface=127.0.0.1
 
 lint: $(STAMP)
-	$(BIN)/ruff check hl7bridge tests twisted
-	$(BIN)/ruff format --check hl7bridge tests twisted
+	$(BIN)/ruff check hl7bridge tests twisted examples
+	$(BIN)/ruff format --check hl7bridge tests twisted examples
 	$(BIN)/mypy hl7bridge
 
 format: $(STAMP)
-	$(BIN)/ruff format hl7bridge tests twisted
-	$(BIN)/ruff check --fix hl7bridge tests twisted
+	$(BIN)/ruff format hl7bridge tests twisted examples
+	$(BIN)/ruff check --fix hl7bridge tests twisted examples
 
 clean:
 	rm -rf $(VENV) .venv-* build *.egg-info .mypy_cache .ruff_cache

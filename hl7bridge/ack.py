@@ -99,13 +99,22 @@ class Header:
         return self.field(10)
 
 
+#: Segments a block may start with: a message, or a batch (file or batch header).
+BLOCK_HEADERS = ("MSH", "FHS", "BHS")
+
+
 def read_header(text: str) -> Header | None:
     """Split the MSH segment at the start of ``text``; None if it has none.
 
     Leading whitespace is skipped, as python-hl7's parser does. The segment ends
     at the first CR (the HL7 segment terminator) or LF (a common misframing).
+    In a batch (``FHS``/``BHS`` first) it is the first message's MSH, the one
+    txHL7 (through python-hl7) acknowledged.
     """
     text = text.lstrip()
+    if text.startswith(("FHS", "BHS")):
+        found = min((i for i in (text.find("\rMSH"), text.find("\nMSH")) if i >= 0), default=-1)
+        text = text[found + 1 :] if found >= 0 else ""
     if not text.startswith("MSH") or len(text) < 4:
         return None
     separator = text[3]

@@ -294,9 +294,8 @@ class Session:
         except UnicodeDecodeError as exc:
             log.warning("%s: message does not decode as %s (byte %d)", self.peer, codec[0], exc.start)
             return self._nak(block, ack.UNDECODABLE, codec)
-        if not text.lstrip().startswith("MSH"):
-            # Junk, or a batch (FHS/BHS), which original-mode ACKs cannot answer.
-            log.warning("%s: dropped a block of %d bytes that does not start with MSH", self.peer, len(block))
+        if not text.lstrip().startswith(ack.BLOCK_HEADERS):
+            log.warning("%s: dropped a block of %d bytes that is no HL7 message", self.peer, len(block))
             return None
         try:
             container = self.receiver.parseMessage(text)

@@ -93,7 +93,8 @@ class ListenerKit:
             from hl7bridge.mllp import MLLPFactory
 
             factory = MLLPFactory(target, **options)
-            port = reactor.listenTCP(0, factory, interface=HOST)  # type: ignore[attr-defined]
+            tcp: Any = reactor  # its interfaces are declared with zope, which mypy cannot follow
+            port = tcp.listenTCP(0, factory, interface=HOST)
 
             async def stop() -> None:
                 loop = asyncio.get_running_loop()

@@ -76,8 +76,9 @@ def corpus_messages() -> list[tuple[str, str]]:
 
 
 def control_id(text: str) -> str:
-    """MSH-10 by plain splitting, independent of the code under test."""
-    segment = re.split("[\r\n]", text.lstrip(), maxsplit=1)[0]
+    """MSH-10 of the first MSH, by plain splitting, independent of the code under test."""
+    segments = re.split("[\r\n]", text.lstrip())
+    segment = next((s for s in segments if s.startswith("MSH")), segments[0])
     msh = segment.split(segment[3]) if len(segment) > 3 else []
     return msh[9] if len(msh) > 9 else ""
 

@@ -77,7 +77,14 @@ def test_bad_code_is_refused() -> None:
         build_ack(header, "OK")
 
 
-@pytest.mark.parametrize("text", ["", "PID|1", "MSH", "MSH\r", "  \r", "FHS|^~\\&|"])
+def test_batch_header_is_its_first_message_header() -> None:
+    batch = "FHS|^~\\&|F\rBHS|^~\\&|B\r" + message("BATCH1") + "BTS|1\rFTS|1\r"
+    header = read_header(batch)
+    assert header is not None and header.control_id == "BATCH1"
+    assert without_time_and_id(build_ack(header)) == reference(batch, "AA")
+
+
+@pytest.mark.parametrize("text", ["", "PID|1", "MSH", "MSH\r", "  \r", "FHS|^~\\&|", "BHS|^~\\&|\rBTS|0\r"])
 def test_no_header_where_there_is_no_msh(text: str) -> None:
     assert read_header(text) is None
 

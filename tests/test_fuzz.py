@@ -10,6 +10,7 @@ was sent, and the listener keeps serving.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,6 +83,8 @@ def expected_ids(stream: bytes) -> list[str]:
             start = text.lstrip()
             if start.startswith("MSH") and len(start) > 3 and start[3] not in "\r\n":
                 ids.append(control_id(text))
+            elif start.startswith(("FHS", "BHS")) and re.search("[\r\n]MSH[^\r\n]", start):
+                ids.append(control_id(text))  # a batch: answered for its first message
     return ids
 
 

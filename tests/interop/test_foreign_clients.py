@@ -20,9 +20,8 @@ class AckAll(AbstractHL7Receiver):
 
 
 def sendable() -> list[tuple[str, str]]:
-    # A batch (FHS...) has no MSH to acknowledge in original mode; hl7bridge
-    # drops it with a log line, so a client would wait forever for an answer.
-    return [(name, text) for name, text in corpus_messages() if text.lstrip().startswith("MSH")]
+    # Every corpus file: a batch (FHS...) is answered for its first message, as txHL7 did.
+    return corpus_messages()
 
 
 def ack_ids(ack_text: str) -> tuple[str, str]:
