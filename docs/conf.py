@@ -1,0 +1,46 @@
+"""Sphinx configuration for the hl7bridge documentation.
+
+Build with ``pip install -e '.[docs]'`` then ``sphinx-build -W -b html docs docs/_build/html``.
+The pages are reStructuredText only; the Markdown documents (MIGRATION.md,
+docs/architecture.md) are read in the repository, not built here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Document the package of this checkout, installed or not (its dependencies must be).
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hl7bridge  # noqa: E402
+
+project = "hl7bridge"
+author = "hl7bridge maintainers"
+copyright = "hl7bridge maintainers"  # noqa: A001
+release = hl7bridge.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+]
+
+source_suffix = {".rst": "restructuredtext"}
+root_doc = "index"
+exclude_patterns = ["_build", "*.md"]
+
+# Docstrings are written in Google style (Args:, Returns:, Raises:).
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_default_options = {
+    "members": True,
+    "show-inheritance": True,
+}
+
+html_theme = "alabaster"
+html_title = f"hl7bridge {release}"
