@@ -12,7 +12,9 @@ For any message python-hl7 parses, :func:`build_ack` gives the same text as
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -44,41 +46,51 @@ HANDLER_FAILED = Rejection("AR", "handler failed", "207", "Application internal 
 HANDLER_TIMEOUT = Rejection("AE", "handler timed out", "207", "Application internal error")
 
 
-@dataclass(frozen=True)
+#: Fields of MSH an ACK reads; a shorter MSH is padded with empty fields up to here.
+_PADDED = 20
+
+
 class Header:
     """The MSH segment of a message, split into fields.
 
     ``field(n)`` follows HL7's numbering: MSH-1 is the field separator itself,
-    MSH-2 the encoding characters, MSH-9 the message type.
+    MSH-2 the encoding characters, MSH-9 the message type. A field past the
+    end of the segment is "".
     """
 
-    segment: str
-    fields: tuple[str, ...]
+    __slots__ = ("_padded", "component_separator", "field_separator", "fields", "repetition_separator", "segment")
 
-    @property
-    def field_separator(self) -> str:
-        return self.segment[3]
+    def __init__(self, segment: str, fields: tuple[str, ...]) -> None:
+        self.segment = segment
+        self.fields = fields
+        self.field_separator = segment[3]
+        encoding = fields[1] if len(fields) > 1 else ""
+        self.component_separator = encoding[0] if encoding else "^"
+        self.repetition_separator = encoding[1] if len(encoding) > 1 else "~"
+        # Index n holds MSH-n: MSH-1 is the separator, which split() leaves out.
+        padded = ("", self.field_separator, *fields[1:])
+        self._padded = padded + ("",) * (_PADDED - len(padded)) if len(padded) < _PADDED else padded
 
-    @property
-    def component_separator(self) -> str:
-        encoding = self.field(2)
-        return encoding[0] if encoding else "^"
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Header) and other.segment == self.segment
 
-    @property
-    def repetition_separator(self) -> str:
-        encoding = self.field(2)
-        return encoding[1] if len(encoding) > 1 else "~"
+    def __hash__(self) -> int:
+        return hash(self.segment)
+
+    def __repr__(self) -> str:
+        return f"Header({self.segment[:40]!r}...)"
 
     def field(self, number: int) -> str:
         """MSH-``number`` as text, or "" where the segment is shorter."""
-        if number == 1:
-            return self.field_separator
-        return self.fields[number - 1] if number - 1 < len(self.fields) else ""
+        padded = self._padded
+        return padded[number] if number < len(padded) else ""
 
     def component(self, number: int, component: int) -> str:
         """Component ``component`` of the first repetition of MSH-``number``."""
-        first = self.field(number).split(self.repetition_separator, 1)[0]
-        parts = first.split(self.component_separator)
+        value = self.field(number)
+        if self.repetition_separator in value:
+            value = value.split(self.repetition_separator, 1)[0]
+        parts = value.split(self.component_separator, component)
         return parts[component - 1] if component - 1 < len(parts) else ""
 
     @property
@@ -96,11 +108,13 @@ class Header:
     @property
     def control_id(self) -> str:
         """MSH-10, the id the sender expects back in MSA-2."""
-        return self.field(10)
+        return self._padded[10]
 
 
 #: Segments a block may start with: a message, or a batch (file or batch header).
 BLOCK_HEADERS = ("MSH", "FHS", "BHS")
+
+_LEADING_WHITESPACE = re.compile(r"\s*")
 
 
 def read_header(text: str) -> Header | None:
@@ -111,32 +125,53 @@ def read_header(text: str) -> Header | None:
     In a batch (``FHS``/``BHS`` first) it is the first message's MSH, the one
     txHL7 (through python-hl7) acknowledged.
     """
-    text = text.lstrip()
-    if text.startswith(("FHS", "BHS")):
-        found = min((i for i in (text.find("\rMSH"), text.find("\nMSH")) if i >= 0), default=-1)
-        text = text[found + 1 :] if found >= 0 else ""
-    if not text.startswith("MSH") or len(text) < 4:
+    # Offsets, not copies: a message can be megabytes long.
+    start = 0 if text.startswith("MSH") else _LEADING_WHITESPACE.match(text).end()  # type: ignore[union-attr]
+    if text.startswith(("FHS", "BHS"), start):
+        found = [i for i in (text.find("\rMSH", start), text.find("\nMSH", start)) if i >= 0]
+        if not found:
+            return None
+        start = min(found) + 1
+    if not text.startswith("MSH", start) or len(text) < start + 4:
         return None
-    separator = text[3]
+    separator = text[start + 3]
     if separator in "\r\n":
         return None
-    end = len(text)
-    for terminator in "\r\n":
-        found = text.find(terminator, 4)
-        if 0 <= found < end:
-            end = found
-    segment = text[:end]
+    end = text.find("\r", start + 4)
+    if end < 0:
+        end = len(text)
+    newline = text.find("\n", start + 4, end)
+    if newline >= 0:
+        end = newline
+    segment = text[start:end]
     return Header(segment, tuple(segment.split(separator)))
 
 
+_CONTROL_ID_PREFIX = os.urandom(6).hex().upper()
+_control_ids = itertools.count(int.from_bytes(os.urandom(3), "big"))
+
+
 def new_control_id() -> str:
-    """A fresh 20-character MSH-10 (HL7 allows 20 in v2.3 to v2.5)."""
-    return os.urandom(10).hex().upper()
+    """A fresh 20-character MSH-10 (HL7 allows 20 in v2.3 to v2.5).
+
+    A random prefix per process and a counter: unique within the process,
+    and across processes and restarts by the prefix.
+    """
+    return f"{_CONTROL_ID_PREFIX}{next(_control_ids) & 0xFFFFFFFF:08X}"
+
+
+_timestamp_cache: tuple[int, str] = (-1, "")
 
 
 def hl7_timestamp(now: float | None = None) -> str:
     """UTC time as an HL7 TS to the second, ``YYYYMMDDHHMMSS``, as python-hl7 writes it."""
-    return time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+    global _timestamp_cache
+    second = int(time.time() if now is None else now)
+    cached_second, text = _timestamp_cache
+    if second != cached_second:
+        text = time.strftime("%Y%m%d%H%M%S", time.gmtime(second))
+        _timestamp_cache = (second, text)
+    return text
 
 
 def build_ack(
@@ -170,25 +205,25 @@ def build_ack(
         raise ValueError(f"{code!r} is not an HL7 acknowledgment code ({sorted(ACK_CODES)})")
     sep = header.field_separator
     comp = header.component_separator
-    field = header.field
+    f = header._padded
     msh = sep.join(
         (
             "MSH",
-            field(2),
-            field(5),
-            field(6),
-            field(3),
-            field(4),
+            f[2],
+            f[5],
+            f[6],
+            f[3],
+            f[4],
             timestamp if timestamp is not None else hl7_timestamp(),
             "",
             f"ACK{comp}{header.component(9, 2)}{comp}ACK",
             control_id if control_id is not None else new_control_id(),
-            field(11),
-            field(12),
+            f[11],
+            f[12],
         )
     )
-    msa = sep.join(("MSA", code, field(10)) if text is None else ("MSA", code, field(10), text))
-    return msh + SEGMENT_END + msa + SEGMENT_END
+    msa = f"MSA{sep}{code}{sep}{f[10]}" if text is None else sep.join(("MSA", code, f[10], text))
+    return f"{msh}{SEGMENT_END}{msa}{SEGMENT_END}"
 
 
 def build_nak(header: Header, rejection: Rejection) -> str:

@@ -114,6 +114,10 @@ class Deframer:
         """Take the next bytes of the stream; return the events they complete."""
         if self._rejected or not data:
             return []
+        if self._is_one_whole_frame(data):
+            # The usual case, one message per read: no buffering, one copy.
+            self._offset += len(data)
+            return [Frame(data[1:-2])] if len(data) > 3 else []
         self._buffer += data
         events: list[Event] = []
         while self._step(events):
@@ -133,6 +137,20 @@ class Deframer:
         self._in_block = False
         self._dropping = 0
         return events
+
+    def _is_one_whole_frame(self, data: bytes) -> bool:
+        """Whether ``data`` is exactly ``<VT> block <FS><CR>`` and nothing is pending."""
+        end = len(data) - 2
+        return (
+            not self._buffer
+            and not self._in_block
+            and not self._after_block
+            and data[:1] == START_BLOCK
+            and data.endswith(END_BLOCK + CARRIAGE_RETURN)
+            and end - 1 <= self._max
+            and data.find(END_BLOCK, 1) == end
+            and data.find(START_BLOCK, 1, end) < 0
+        )
 
     @property
     def incomplete(self) -> bool:

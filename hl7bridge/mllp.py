@@ -11,6 +11,7 @@ which also maps the two flow controls onto each other.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 from hl7.mllp import HL7StreamProtocol, HL7StreamReader, HL7StreamWriter
@@ -93,6 +94,10 @@ class StreamTransport(asyncio.Transport):
 
     def can_write_eof(self) -> bool:
         return False
+
+    def get_write_buffer_size(self) -> int:
+        # Twisted keeps its buffer to itself; it tells only when it is too full.
+        return sys.maxsize if self._writing_paused else 0
 
     # IPushProducer, called by Twisted about its write buffer
 

@@ -40,6 +40,10 @@ log = logging.getLogger("hl7bridge.session")
 #: Bytes asked of the stream reader at a time.
 READ_SIZE = 64 * 1024
 
+#: Unsent ACK bytes past which the session stops handling bytes as they come
+#: and waits for the writer to drain.
+WRITE_BACKLOG = 64 * 1024
+
 #: What a message turns into: the ACK bytes, None for no answer, or a future of either.
 Reply = Union[bytes, None, "asyncio.Future[bytes | None]"]
 
@@ -218,6 +222,8 @@ class Session:
         self._last_activity = loop.time()
         self._frame_started: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._direct = False
+        self._buffer_data: Any = None
 
     async def run(self) -> None:
         """Serve the connection until the peer closes it, it is stopped, or framing fails."""
@@ -243,19 +249,50 @@ class Session:
             self.reader.set_exception(Stopped(reason))
 
     async def _serve(self) -> None:
-        deframer = self._deframer
+        reader = self.reader
         max_in_flight = self.settings.max_in_flight
-        while True:
-            data = await self.reader.read(READ_SIZE)
-            self._last_activity = self.loop.time()
-            events = deframer.feed(data) if data else deframer.end()
-            if not self._handle_events(events) or not data:
-                break
-            self._track_frame(any(isinstance(event, (framing.Frame, framing.Oversized)) for event in events))
-            await self.writer.drain()
-            while len(self._pending) >= max_in_flight:
-                await self._wait_for_head()
+        # While this task waits in read(), bytes go straight to _data_received
+        # (no task switch per message); while it is busy, the reader buffers
+        # them as usual and read() returns them next.
+        buffer_data = reader.feed_data
+        reader.feed_data = self._data_received  # type: ignore[method-assign]
+        self._buffer_data = buffer_data
+        try:
+            while True:
+                self._direct = True
+                data = await reader.read(READ_SIZE)
+                self._direct = False
+                if not self._take(data) or not data:
+                    break
+                await self.writer.drain()
+                while len(self._pending) >= max_in_flight:
+                    await self._wait_for_head()
+        finally:
+            self._direct = False
+            del reader.feed_data
         await self._finish(None)
+
+    def _data_received(self, data: bytes) -> None:
+        """Bytes from the transport: handled now if the session is waiting for them."""
+        if not self._direct or len(self._pending) >= self.settings.max_in_flight or self._writes_backed_up():
+            self._buffer_data(data)
+            return
+        if not self._take(data):
+            self._direct = False
+            self.stop("framing error")
+
+    def _take(self, data: bytes) -> bool:
+        """Deframe and dispatch bytes read (``b""`` at the end); False when the connection must close."""
+        self._last_activity = self.loop.time()
+        events = self._deframer.feed(data) if data else self._deframer.end()
+        if not self._handle_events(events):
+            return False
+        if self._frame_started is not None or self._deframer.incomplete:
+            self._track_frame(any(isinstance(event, (framing.Frame, framing.Oversized)) for event in events))
+        return True
+
+    def _writes_backed_up(self) -> bool:
+        return bool(self.writer.transport.get_write_buffer_size() > WRITE_BACKLOG)
 
     async def _finish(self, timeout: float | None) -> None:
         """Wait for the replies still to come, up to ``timeout`` seconds, and send them."""
@@ -306,7 +343,7 @@ class Session:
             result = self.receiver.handleMessage(container)
         except Exception:
             return self._failed(Failure(), container, codec)
-        if not is_pending_result(result):
+        if result is None or isinstance(result, (str, bytes)) or not is_pending_result(result):
             return self._encode(result, codec)
         reply: asyncio.Future[bytes | None]
         if isinstance(result, Deferred):
