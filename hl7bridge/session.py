@@ -255,7 +255,7 @@ class Session:
         # (no task switch per message); while it is busy, the reader buffers
         # them as usual and read() returns them next.
         buffer_data = reader.feed_data
-        reader.feed_data = self._data_received  # type: ignore[method-assign]
+        reader.feed_data = self._data_received
         self._buffer_data = buffer_data
         try:
             while True:
