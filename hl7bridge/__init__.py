@@ -4,7 +4,18 @@ Importing hl7bridge never installs a Twisted reactor: call
 :func:`hl7bridge.reactor.install` (or run ``twistd --reactor asyncio``) first.
 """
 
-from hl7bridge.errors import HL7BridgeError, LocalError, MissingExtra, NotAReceiver, RemoteError, WrongReactor
+from hl7bridge.client import DeferredSender, Sender
+from hl7bridge.errors import (
+    AckMismatch,
+    AckTimeout,
+    HL7BridgeError,
+    LocalError,
+    MissingExtra,
+    NegativeAck,
+    NotAReceiver,
+    RemoteError,
+    WrongReactor,
+)
 from hl7bridge.handlers import HandlerReceiver, as_receiver
 from hl7bridge.server import serve, shutdown, stream_callback
 from hl7bridge.session import Settings
@@ -12,12 +23,17 @@ from hl7bridge.session import Settings
 __version__ = "0.1.0"
 
 __all__ = [
+    "AckMismatch",
+    "AckTimeout",
+    "DeferredSender",
     "HL7BridgeError",
     "HandlerReceiver",
     "LocalError",
     "MissingExtra",
+    "NegativeAck",
     "NotAReceiver",
     "RemoteError",
+    "Sender",
     "Settings",
     "WrongReactor",
     "as_receiver",

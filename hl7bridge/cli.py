@@ -1,4 +1,8 @@
-"""The ``hl7bridge`` command: ``hl7bridge serve`` runs a receiver on Twisted endpoints.
+"""The ``hl7bridge`` command: ``serve`` runs a receiver on Twisted endpoints, ``send`` sends.
+
+``hl7bridge send [-p PORT] HOST [FILE ...]`` sends the messages of the files
+(or stdin), prints their ACKs, and exits 1 if any was negative, 2 if some got
+no ACK; it takes python-hl7's ``mllp_send`` options too.
 
 ``hl7bridge serve --endpoint tcp:2575 --receiver package.module.Class`` takes the
 options of ``twistd hl7bridge`` (see :mod:`hl7bridge.tap`) plus ``--uvloop`` and
@@ -8,14 +12,17 @@ SIGTERM stops listening, answers the messages in flight and exits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import ssl
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
 
 from twisted.python import usage
 
-from hl7bridge import tap
+from hl7bridge import framing, tap
 
 log = logging.getLogger("hl7bridge.cli")
 
@@ -33,13 +40,42 @@ class ServeOptions(tap.Options):
             raise usage.UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
 
 
+class SendOptions(usage.Options):
+    """Options of ``hl7bridge send``; python-hl7's ``mllp_send`` options work too."""
+
+    synopsis = "[options] HOST [FILE ...]"
+    optParameters = [
+        ["port", "p", 2575, "port to connect to", int],
+        ["file", "f", None, "read messages from FILE (as mllp_send); more files may follow HOST"],
+        ["timeout", "t", 30.0, "seconds to wait for each ACK", float],
+        ["connect-timeout", None, 10.0, "seconds to connect", float],
+        ["retries", None, 0, "reconnect and send again this many times on a failed connection or timeout", int],
+        ["encoding", None, "utf-8", "codec of the messages and ACKs"],
+        ["cafile", None, None, "CA certificates to verify the listener with (implies --tls)"],
+        ["cert", None, None, "client certificate for mutual TLS (implies --tls)"],
+        ["key", None, None, "the client certificate's private key"],
+    ]
+    optFlags = [
+        ["tls", None, "connect with TLS, verifying the listener"],
+        ["quiet", "q", "do not print the ACKs"],
+        ["loose", None, "accepted for mllp_send: segments may end with LF or CRLF (always true here)"],
+    ]
+
+    def parseArgs(self, host: str, *files: str) -> None:  # type: ignore[override]  # noqa: N802
+        self["host"] = host
+        self["files"] = ([self["file"]] if self["file"] else []) + list(files)
+
+
 class CommandOptions(usage.Options):
     synopsis = "hl7bridge"
-    subCommands = [["serve", None, ServeOptions, "listen for MLLP and serve a receiver"]]
+    subCommands = [
+        ["serve", None, ServeOptions, "listen for MLLP and serve a receiver"],
+        ["send", None, SendOptions, "send messages from files or stdin, check their ACKs"],
+    ]
 
     def postOptions(self) -> None:  # noqa: N802
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: serve")
+            raise usage.UsageError("a command is needed: serve or send")
 
 
 def serve(options: ServeOptions) -> int:
@@ -82,6 +118,98 @@ def serve(options: ServeOptions) -> int:
     return status
 
 
+def _segments(block: bytes) -> list[bytes]:
+    return [s for s in block.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r") if s.strip()]
+
+
+def split_messages(data: bytes) -> list[bytes]:
+    """The messages in a file or stdin; segment ends may be CR, LF or CRLF, and leave as CR.
+
+    MLLP-framed input is sent frame by frame, as it is (as ``mllp_send`` does).
+    Plain text is split into messages at each MSH; a batch envelope (FHS, BHS,
+    BTS, FTS segments) is left out, so the messages of a batch file go one by one.
+    """
+    if framing.START_BLOCK in data or framing.END_BLOCK in data:
+        events = framing.Deframer().feed(data)
+        blocks = [_segments(event.data) for event in events if isinstance(event, framing.Frame)]
+        return [b"\r".join(block) + b"\r" for block in blocks if block]
+    messages: list[list[bytes]] = []
+    for segment in _segments(data):
+        if segment.startswith(b"MSH"):
+            messages.append([segment])
+        elif messages and not segment.startswith((b"FHS", b"BHS", b"BTS", b"FTS")):
+            messages[-1].append(segment)
+    return [b"\r".join(message) + b"\r" for message in messages]
+
+
+def _tls_context(options: SendOptions) -> ssl.SSLContext | None:
+    if not (options["tls"] or options["cafile"] or options["cert"]):
+        return None
+    context = ssl.create_default_context(cafile=options["cafile"])
+    if options["cert"]:
+        context.load_cert_chain(options["cert"], options["key"])
+    return context
+
+
+async def send_all(options: SendOptions, messages: list[bytes]) -> int:
+    """Send ``messages`` in order; print ACKs, progress and a summary; return the exit status."""
+    from hl7bridge.client import Sender, ack_code
+    from hl7bridge.errors import AckMismatch, NegativeAck
+
+    counts: Counter[str] = Counter()
+    show_progress = len(messages) > 1 and sys.stderr.isatty()
+    sender = Sender(
+        options["host"],
+        options["port"],
+        ssl=_tls_context(options),
+        encoding=options["encoding"],
+        connect_timeout=options["connect-timeout"],
+        ack_timeout=options["timeout"],
+        retries=options["retries"],
+    )
+    async with sender:
+        for number, message in enumerate(messages, 1):
+            try:
+                answer = await sender.send(message)
+            except NegativeAck as exc:
+                answer = exc.ack
+                counts[exc.code or "no MSA-1"] += 1
+            except AckMismatch as exc:
+                answer = exc.ack
+                counts["wrong MSA-2"] += 1
+                log.error("message %d: %s", number, exc)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+                counts["no ACK"] += len(messages) - number + 1
+                log.error("message %d: %s: %s; %d not sent", number, type(exc).__name__, exc, len(messages) - number)
+                break
+            else:
+                counts[ack_code(answer)[0]] += 1
+            if isinstance(answer, str) and not options["quiet"]:
+                print(answer.replace("\r", "\n"), flush=True)
+            if show_progress:
+                print(f"\rsent {number}/{len(messages)}", end="", file=sys.stderr, flush=True)
+    if show_progress:
+        print(file=sys.stderr)
+    if len(messages) > 1 or set(counts) - {"AA", "CA"}:
+        summary = ", ".join(f"{code} {count}" for code, count in sorted(counts.items()))
+        print(f"{len(messages)} messages: {summary}", file=sys.stderr)
+    if counts["no ACK"]:
+        return 2
+    return 0 if set(counts) <= {"AA", "CA"} else 1
+
+
+def send(options: SendOptions) -> int:
+    """``hl7bridge send``: the messages of the files given (stdin without any)."""
+    data = (
+        b"".join(open(path, "rb").read() for path in options["files"]) if options["files"] else sys.stdin.buffer.read()
+    )
+    messages = split_messages(data)
+    if not messages:
+        log.error("no HL7 message found in the input")
+        return 2
+    return asyncio.run(send_all(options, messages))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = CommandOptions()
     try:
@@ -89,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except usage.UsageError as exc:
         print(f"{getattr(options, 'subOptions', None) or options}\nhl7bridge: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=options.subOptions["log-level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = options.subOptions["log-level"] if options.subCommand == "serve" else "WARNING"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if options.subCommand == "send":
+        return send(options.subOptions)
     return serve(options.subOptions)
 
 

@@ -1,8 +1,9 @@
 """The one family of errors hl7bridge raises.
 
-``RemoteError`` and its subclasses mean the peer sent something wrong; they are
-answered on the wire (a NAK where an MSH can be read, else a logged close) and
-never stop a listener. ``LocalError`` and its subclasses mean hl7bridge was used
+``RemoteError`` and its subclasses mean the peer answered something a sender
+cannot accept (a NAK, a wrong ACK, no ACK in time). A listener never raises
+them: what a peer sends it wrongly is answered on the wire (a NAK where an MSH
+can be read, else a logged close) and never stops it. ``LocalError`` and its subclasses mean hl7bridge was used
 wrongly in this process (wrong reactor, a receiver that is not one); they are
 raised to the caller with a message that says what to do.
 """
@@ -15,7 +16,35 @@ class HL7BridgeError(Exception):
 
 
 class RemoteError(HL7BridgeError):
-    """The peer sent bytes hl7bridge cannot accept."""
+    """The peer answered in a way hl7bridge cannot accept (raised to senders)."""
+
+
+class AckTimeout(RemoteError, TimeoutError):
+    """No whole ACK arrived in time."""
+
+
+class NegativeAck(RemoteError):
+    """The peer answered AE, AR, CE or CR.
+
+    Attributes:
+        code: MSA-1 of the answer.
+        ack: the answer's text.
+    """
+
+    def __init__(self, code: str, ack: str) -> None:
+        super().__init__(f"the peer answered {code or 'without an MSA-1'}")
+        self.code = code
+        self.ack = ack
+
+
+class AckMismatch(RemoteError):
+    """The ACK's MSA-2 does not name the message sent."""
+
+    def __init__(self, expected: str, acknowledged: str, ack: str) -> None:
+        super().__init__(f"the ACK is for control id {acknowledged!r}, not {expected!r}")
+        self.expected = expected
+        self.acknowledged = acknowledged
+        self.ack = ack
 
 
 class LocalError(HL7BridgeError):

@@ -121,3 +121,68 @@ def test_endpoint_in_use_is_reported_and_exits_non_zero(message_file: Path) -> N
         assert "cannot listen on" in result.stderr
     finally:
         server.stop(signal.SIGTERM)
+
+
+def hl7bridge_send(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "hl7bridge", "send", *args], cwd=ROOT, input=stdin, capture_output=True, timeout=120
+    )
+
+
+def test_send_many_messages_with_any_line_ends_to_serve(tmp_path: Path) -> None:
+    path = tmp_path / "three.hl7"
+    texts = [message(f"SEND{n}") for n in range(3)]
+    path.write_bytes((texts[0].replace("\r", "\n") + texts[1].replace("\r", "\r\n") + texts[2]).encode())
+    server = Server()
+    try:
+        result = hl7bridge_send("-p", str(server.port), "127.0.0.1", str(path))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().count("MSA|AA|SEND") == 3
+        assert "3 messages: AA 3" in result.stderr.decode()
+        # mllp_send's options and stdin.
+        framed = VT + texts[0].encode() + FS + CR
+        result = hl7bridge_send("-p", str(server.port), "-q", "--loose", "127.0.0.1", stdin=framed)
+        assert result.returncode == 0 and result.stdout == b""
+    finally:
+        server.stop(signal.SIGTERM)
+
+
+def test_send_exits_non_zero_on_a_negative_ack_and_on_no_listener(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.hl7"
+    path.write_bytes((message("OK1") + message("NOID", body="PID|1||||DOE^JANE\r")).encode())
+    server = Server("--receiver", "tests.handlers.admissions.handle")
+    try:
+        result = hl7bridge_send("-p", str(server.port), "-f", str(path), "127.0.0.1")
+        assert result.returncode == 1
+        assert "2 messages: AA 1, AE 1" in result.stderr.decode()
+    finally:
+        server.stop(signal.SIGTERM)
+    result = hl7bridge_send("-p", str(server.port), "--connect-timeout", "2", "127.0.0.1", str(path))
+    assert result.returncode == 2
+    assert "2 messages: no ACK 2" in result.stderr.decode()
+
+
+def test_logs_of_a_corpus_run_hold_no_patient_data(tmp_path: Path) -> None:
+    from tests.support import corpus_messages
+
+    texts = [text for _, text in corpus_messages()]
+    secrets = set()
+    for text in texts:
+        for segment in text.split("\r"):
+            fields = segment.split("|")
+            if fields[0] == "PID" and len(fields) > 5:
+                secrets |= {value for value in (fields[3].split("^")[0], fields[5].split("^")[0]) if len(value) > 3}
+    assert len(secrets) > 20
+    path = tmp_path / "corpus.hl7"
+    # Unframed, LF-ended, one file: split at each MSH, batch envelopes left out.
+    path.write_bytes("\n".join(texts).replace("\r", "\n").encode())
+    server = Server("--log-level", "DEBUG")
+    try:
+        result = hl7bridge_send("-p", str(server.port), "-q", "127.0.0.1", str(path))
+        assert result.returncode == 0, result.stderr
+    finally:
+        server.stop(signal.SIGTERM)
+    log = "".join(server.log) + result.stderr.decode()
+    assert "received" in log
+    # Whole tokens: a patient id may happen to end a (logged) MSH-10 control id.
+    assert [s for s in secrets if re.search(rf"(?<![0-9A-Za-z]){re.escape(s)}(?![0-9A-Za-z])", log)] == []
