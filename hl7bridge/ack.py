@@ -226,6 +226,18 @@ def build_ack(
     return f"{msh}{SEGMENT_END}{msa}{SEGMENT_END}"
 
 
+def read_ack(text: str) -> tuple[str, str]:
+    """MSA-1 (the ACK code) and MSA-2 (the control id acknowledged) of an ACK; "" where missing."""
+    start = text.find("MSA")
+    while start > 0 and text[start - 1] not in "\r\n":
+        start = text.find("MSA", start + 1)
+    if start < 0 or len(text) < start + 4:
+        return "", ""
+    end = min((i for i in (text.find("\r", start), text.find("\n", start)) if i >= 0), default=len(text))
+    fields = text[start:end].split(text[start + 3])
+    return (fields[1] if len(fields) > 1 else ""), (fields[2] if len(fields) > 2 else "")
+
+
 def build_nak(header: Header, rejection: Rejection) -> str:
     """A negative ACK: MSA-1 and MSA-3 from ``rejection``, and an ERR segment.
 

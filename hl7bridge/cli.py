@@ -78,6 +78,11 @@ class CommandOptions(usage.Options):
             raise usage.UsageError("a command is needed: serve or send")
 
 
+def _where(port: Any) -> str:
+    address = port.getHost()
+    return f"{address.host}:{address.port}" if hasattr(address, "port") else str(address)
+
+
 def serve(options: ServeOptions) -> int:
     """Listen on ``--endpoint`` until SIGINT or SIGTERM; return the exit status."""
     from hl7bridge.reactor import install
@@ -96,9 +101,7 @@ def serve(options: ServeOptions) -> int:
     status = 0
 
     def listening(port: Any) -> None:
-        address = port.getHost()
-        where = f"{address.host}:{address.port}" if hasattr(address, "port") else str(address)
-        log.info("serving %s on %s", options["receiver"], where)
+        log.info("serving %s on %s", options["receiver"], _where(port))
 
         def stop() -> Any:
             log.info("stopping: no new connections, answering what is in flight")
@@ -107,13 +110,19 @@ def serve(options: ServeOptions) -> int:
 
         reactor.addSystemEventTrigger("before", "shutdown", stop)
 
-    def failed(failure: Any) -> None:
+    def failed(failure: Any, endpoint: str) -> None:
         nonlocal status
         status = 1
-        log.error("cannot listen on %s: %s", options["endpoint"], failure.getErrorMessage())
+        log.error("cannot listen on %s: %s", endpoint, failure.getErrorMessage())
         reactor.callWhenRunning(reactor.stop)
 
-    endpoints.serverFromString(reactor, options["endpoint"]).listen(factory).addCallbacks(listening, failed)
+    listen = endpoints.serverFromString(reactor, options["endpoint"]).listen(factory)
+    listen.addCallbacks(listening, failed, errbackArgs=(options["endpoint"],))
+    if options["metrics-endpoint"]:
+        metrics = endpoints.serverFromString(reactor, options["metrics-endpoint"]).listen(tap.metrics_site(factory))
+        metrics.addCallbacks(
+            lambda port: log.info("metrics on %s", _where(port)), failed, errbackArgs=(options["metrics-endpoint"],)
+        )
     reactor.run()
     return status
 
@@ -153,7 +162,8 @@ def _tls_context(options: SendOptions) -> ssl.SSLContext | None:
 
 async def send_all(options: SendOptions, messages: list[bytes]) -> int:
     """Send ``messages`` in order; print ACKs, progress and a summary; return the exit status."""
-    from hl7bridge.client import Sender, ack_code
+    from hl7bridge.ack import read_ack
+    from hl7bridge.client import Sender
     from hl7bridge.errors import AckMismatch, NegativeAck
 
     counts: Counter[str] = Counter()
@@ -183,7 +193,7 @@ async def send_all(options: SendOptions, messages: list[bytes]) -> int:
                 log.error("message %d: %s: %s; %d not sent", number, type(exc).__name__, exc, len(messages) - number)
                 break
             else:
-                counts[ack_code(answer)[0]] += 1
+                counts[read_ack(answer)[0]] += 1
             if isinstance(answer, str) and not options["quiet"]:
                 print(answer.replace("\r", "\n"), flush=True)
             if show_progress:

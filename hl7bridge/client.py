@@ -34,15 +34,6 @@ log = logging.getLogger("hl7bridge.client")
 POSITIVE = frozenset({"AA", "CA"})
 
 
-def ack_code(ack_text: str) -> tuple[str, str]:
-    """MSA-1 and MSA-2 of an ACK ("" where missing)."""
-    for segment in ack_text.replace("\n", "\r").split("\r"):
-        if segment.startswith("MSA") and len(segment) > 3:
-            fields = segment.split(segment[3])
-            return (fields[1] if len(fields) > 1 else ""), (fields[2] if len(fields) > 2 else "")
-    return "", ""
-
-
 class Sender:
     """Send messages to one MLLP listener and check their ACKs.
 
@@ -115,7 +106,7 @@ class Sender:
                         "send to %s:%s failed (%s); retry %d in %.1fs", self.host, self.port, exc, attempt, delay
                     )
                     await asyncio.sleep(delay)
-        code, acknowledged = ack_code(answer)
+        code, acknowledged = ack.read_ack(answer)
         if control_id is not None and acknowledged != control_id:
             raise AckMismatch(control_id, acknowledged, answer)
         if code not in POSITIVE:

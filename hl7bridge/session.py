@@ -33,9 +33,14 @@ from hl7bridge import ack, charsets, framing
 from hl7bridge.defer import is_pending_result
 from hl7bridge.framing import DEFAULT_MAX_MESSAGE_SIZE, LENIENT
 from hl7bridge.handlers import as_receiver
+from hl7bridge.metrics import Metrics
 from hl7bridge.receiver import DEFAULT_ENCODING, codec_of
 
 log = logging.getLogger("hl7bridge.session")
+
+#: One line per message at INFO (peer, type, control id, ACK code, time taken);
+#: never the content. Silence it alone with ``logging.getLogger("hl7bridge.messages")``.
+message_log = logging.getLogger("hl7bridge.messages")
 
 #: Bytes asked of the stream reader at a time.
 READ_SIZE = 64 * 1024
@@ -73,6 +78,8 @@ class Settings:
             its ACK the same way) instead of UTF-8.
         drain_timeout: on shutdown, seconds to let messages in flight finish
             and be answered before their connections are closed regardless.
+        metrics: count messages per type and ACK code and time them
+            (:class:`hl7bridge.metrics.Metrics`, as ``Engine.metrics``).
     """
 
     framing: str = LENIENT
@@ -85,6 +92,7 @@ class Settings:
     max_connections_per_peer: int | None = 100
     follow_msh18: bool = False
     drain_timeout: float = 10.0
+    metrics: bool = False
 
     def __post_init__(self) -> None:
         if self.framing not in framing.FRAMING_MODES:
@@ -132,6 +140,7 @@ class Engine:
         self.idle_timeout: float | None = timeout if timeout is not None else self.settings.idle_timeout
         self._sessions: dict[asyncio.Task[None], Session] = {}
         self._per_peer: Counter[str] = Counter()
+        self.metrics = Metrics() if self.settings.metrics else None
 
     @property
     def connections(self) -> int:
@@ -224,6 +233,7 @@ class Session:
         self._timer: asyncio.TimerHandle | None = None
         self._direct = False
         self._buffer_data: Any = None
+        self._observing = engine.metrics is not None or message_log.isEnabledFor(logging.INFO)
 
     async def run(self) -> None:
         """Serve the connection until the peer closes it, it is stopped, or framing fails."""
@@ -307,7 +317,7 @@ class Session:
         """Act on framing events; False when the connection must close."""
         for event in events:
             if isinstance(event, framing.Frame):
-                self._submit(self.dispatch(event.data))
+                self._submit(self._observed(event.data) if self._observing else self.dispatch(event.data))
             elif isinstance(event, framing.Deviation):
                 self._note_deviation(event.kind, event.offset)
             elif isinstance(event, framing.Oversized):
@@ -355,6 +365,27 @@ class Session:
         if self.settings.handler_timeout is not None and not reply.done():
             reply = self._with_deadline(reply, block, codec)
         return reply
+
+    def _observed(self, block: bytes) -> Reply:
+        """:meth:`dispatch`, timed, counted and logged in one line when its answer is ready."""
+        started = self.loop.time()
+        reply = self.dispatch(block)
+        if isinstance(reply, asyncio.Future):
+            reply.add_done_callback(
+                lambda done: self._record(block, None if done.cancelled() else done.result(), started)
+            )
+        else:
+            self._record(block, reply, started)
+        return reply
+
+    def _record(self, block: bytes, answer: bytes | None, started: float) -> None:
+        seconds = self.loop.time() - started
+        header = ack.read_header(block[: framing.HEAD_SIZE].decode("latin-1"))
+        kind, control_id = (header.message_type, header.control_id) if header is not None else ("?", "?")
+        code = (ack.read_ack(answer.decode("latin-1"))[0] or "?") if answer is not None else "none"
+        if self.engine.metrics is not None:
+            self.engine.metrics.record(kind, code, seconds)
+        message_log.info("%s %s %s %s %.1fms", self.peer, kind, control_id, code, seconds * 1000)
 
     async def _settle(self, awaitable: Any, container: Any, codec: Codec) -> bytes | None:
         try:

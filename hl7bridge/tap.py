@@ -16,8 +16,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from hl7bridge.errors import WrongReactor
+from hl7bridge.metrics import Metrics
 from hl7bridge.mllp import MLLPFactory
 from hl7bridge.reactor import event_loop
 from hl7bridge.session import Settings
@@ -57,7 +60,11 @@ class Options(usage.Options):
         ["handler-timeout", None, _defaults.handler_timeout, "seconds (or none)", _optional(float)],
         ["drain-timeout", None, _defaults.drain_timeout, "seconds", float],
     ]
-    optFlags = [["follow-msh18", None, "decode in the charset MSH-18 declares when the receiver names none"]]
+    optParameters += [["metrics-endpoint", None, None, "serve Prometheus metrics at /metrics on this endpoint"]]
+    optFlags = [
+        ["follow-msh18", None, "decode in the charset MSH-18 declares when the receiver names none"],
+        ["metrics", None, "count and time messages per type and ACK code"],
+    ]
 
     def settings(self) -> dict[str, Any]:
         """The listener settings given, as keyword arguments."""
@@ -65,6 +72,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:  # noqa: N802
         self["follow-msh18"] = bool(self["follow-msh18"])
+        self["metrics"] = bool(self["metrics"] or self["metrics-endpoint"])
         try:
             Settings(**self.settings())
         except ValueError as exc:
@@ -108,6 +116,29 @@ class DrainingService(service.MultiService):
         return stopped.addCallback(lambda _: self.factory.drain())
 
 
+class MetricsResource(Resource):
+    """``GET /metrics``: a listener's metrics in Prometheus's text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: Any) -> bytes:  # noqa: N802
+        if request.path != b"/metrics":
+            request.setResponseCode(404)
+            return b"see /metrics\n"
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self.metrics.prometheus_text().encode()
+
+
+def metrics_site(factory: MLLPFactory) -> Site:
+    """A web site serving ``factory``'s metrics (its ``metrics`` setting must be on)."""
+    assert factory.engine.metrics is not None
+    return Site(MetricsResource(factory.engine.metrics))
+
+
 def build_factory(options: Options) -> MLLPFactory:
     """The factory for the receiver and settings given (after the reactor is installed:
     receiver modules written for txHL7 often import ``twisted.internet.reactor``)."""
@@ -127,4 +158,7 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
     factory = build_factory(options)
     top = DrainingService(factory)
     strports.service(options["endpoint"], cast(IProtocolFactory, factory)).setServiceParent(top)
+    if options["metrics-endpoint"]:
+        site = cast(IProtocolFactory, metrics_site(factory))
+        strports.service(options["metrics-endpoint"], site).setServiceParent(top)
     return cast(service.IService, top)
