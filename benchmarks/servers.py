@@ -1,0 +1,266 @@
+"""The MLLP listeners the benchmark compares, each run as a process of its own.
+
+    python benchmarks/servers.py KIND PORT [--profile FILE]
+
+listens on 127.0.0.1:PORT until killed (SIGTERM or SIGINT). ``--profile``
+runs the listener under cProfile and writes the stats to FILE when it is
+stopped, for ``python -m pstats FILE``.
+
+Every listener acknowledges every message with AA. What differs is the stack
+and how much of the message is looked at:
+
+=========================  ===================================================
+hl7bridge-asyncio          ``hl7bridge.serve()`` on a plain asyncio loop,
+                           receiver on hl7bridge's AbstractHL7Receiver that
+                           returns ``container.ack()`` (MSH-only ACK)
+hl7bridge-asyncio-uvloop   the same on a uvloop loop
+hl7bridge-twisted          hl7bridge's ``MLLPFactory`` under Twisted's asyncio
+                           reactor (``hl7bridge.reactor.install()``), same
+                           receiver
+hl7bridge-twisted-uvloop   the same, ``install(uvloop=True)``
+hl7bridge-legacy           hl7bridge's ``MLLPFactory`` (asyncio reactor) serving
+                           an unchanged txHL7 ``AbstractHL7Receiver`` subclass
+                           (full parse in parseMessage, ``create_ack``)
+hl7bridge-pid              hl7bridge's ``MLLPFactory`` (asyncio reactor), an
+                           hl7bridge receiver that reads PID-3 through
+                           ``container.message`` (so it parses) and ACKs
+txhl7-epoll                txHL7's own ``MLLPFactory`` on Twisted's default
+                           (epoll) reactor, the same txHL7 receiver as legacy
+txhl7-asyncio              the same on Twisted's asyncio reactor
+plain-hl7mllp              ``hl7.mllp.start_hl7_server`` as its docs show it:
+                           ``readmessage()`` then ``create_ack()``
+ceiling-asyncio            an ``asyncio.Protocol`` that splits frames on FS and
+                           answers each with a canned ACK: no decoding, no HL7
+ceiling-uvloop             the same on uvloop
+=========================  ===================================================
+
+The receivers are defined here, not in hl7bridge, so the benchmark measures
+what a user's receiver would get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+HOST = "127.0.0.1"
+
+#: plain-hl7mllp's StreamReader limit. hl7.mllp's default (64 KiB) refuses the
+#: large corpus ORUs (up to 77 KB) with ValueError, so it is raised here, as a
+#: deployment receiving such messages would have to.
+PLAIN_HL7MLLP_LIMIT = 16 * 1024 * 1024
+
+#: What the ceiling listeners answer, whatever they receive.
+CANNED_ACK = (
+    b"\x0bMSH|^~\\&|BRIDGE|CENTRAL|BENCHLAB|NORTHWING|20250115083000||ACK^R01^ACK|ACK0001|P|2.5.1\r"
+    b"MSA|AA|BENCH000000000001\r\x1c\r"
+)
+
+
+# Receivers ---------------------------------------------------------------
+
+
+def hl7bridge_ack_receiver() -> Any:
+    from hl7bridge.receiver import AbstractHL7Receiver
+
+    class AckReceiver(AbstractHL7Receiver):
+        """ACK-only: never touches the message body."""
+
+        def handleMessage(self, container: Any) -> Any:  # noqa: N802
+            return container.ack()
+
+    return AckReceiver()
+
+
+def hl7bridge_pid_receiver() -> Any:
+    from hl7bridge.receiver import AbstractHL7Receiver
+
+    class PidReceiver(AbstractHL7Receiver):
+        """Reads the patient identifier (PID-3), which needs the parsed message, then ACKs."""
+
+        def handleMessage(self, container: Any) -> Any:  # noqa: N802
+            patient_id = container.message.segment("PID")[3]
+            if not str(patient_id):
+                return container.ack("AE")
+            return container.ack()
+
+    return PidReceiver()
+
+
+def txhl7_receiver() -> Any:
+    """A receiver as written for txHL7: its base class, unchanged."""
+    from txHL7.receiver import AbstractHL7Receiver
+
+    class TxAckReceiver(AbstractHL7Receiver):
+        def handleMessage(self, container: Any) -> Any:  # noqa: N802
+            return container.ack()
+
+    return TxAckReceiver()
+
+
+# Loops -------------------------------------------------------------------
+
+
+def new_loop(uvloop: bool) -> asyncio.AbstractEventLoop:
+    if uvloop:
+        import uvloop as _uvloop
+
+        return _uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run_asyncio(start: Callable[[], Any], uvloop: bool) -> None:
+    """Run ``start()`` (a coroutine giving an asyncio Server) and serve forever."""
+    loop = new_loop(uvloop)
+    asyncio.set_event_loop(loop)
+    server = loop.run_until_complete(start())
+    try:
+        loop.run_until_complete(server.serve_forever())
+    finally:
+        server.close()
+
+
+# Listeners ---------------------------------------------------------------
+
+
+def hl7bridge_asyncio(port: int, uvloop: bool = False) -> None:
+    import hl7bridge
+
+    receiver = hl7bridge_ack_receiver()
+    run_asyncio(lambda: hl7bridge.serve(receiver, HOST, port), uvloop)
+
+
+def hl7bridge_twisted(port: int, receiver_factory: Callable[[], Any], uvloop: bool = False) -> None:
+    from hl7bridge.reactor import install
+
+    reactor = install(uvloop=uvloop)
+    from hl7bridge.mllp import MLLPFactory
+
+    reactor.listenTCP(port, MLLPFactory(receiver_factory()), interface=HOST)
+    reactor.run()
+
+
+def txhl7(port: int, asyncio_reactor: bool) -> None:
+    if asyncio_reactor:
+        from twisted.internet import asyncioreactor
+
+        asyncioreactor.install(asyncio.new_event_loop())
+    from twisted.internet import reactor as installed
+    from txHL7.mllp import MLLPFactory
+
+    reactor: Any = installed
+    reactor.listenTCP(port, MLLPFactory(txhl7_receiver()), interface=HOST)
+    reactor.run()
+
+
+def plain_hl7mllp(port: int) -> None:
+    import hl7
+    from hl7.mllp import start_hl7_server
+
+    async def process_hl7_messages(hl7_reader: Any, hl7_writer: Any) -> None:
+        # As in python-hl7's documentation, less its prints.
+        try:
+            while not hl7_writer.is_closing():
+                hl7_message = await hl7_reader.readmessage()
+                hl7_writer.writemessage(hl7_message.create_ack())
+                await hl7_writer.drain()
+        except asyncio.IncompleteReadError:
+            if not hl7_writer.is_closing():
+                hl7_writer.close()
+                await hl7_writer.wait_closed()
+
+    assert hl7  # imported for its parser, as the docs do
+    run_asyncio(
+        lambda: start_hl7_server(process_hl7_messages, HOST, port, limit=PLAIN_HL7MLLP_LIMIT),
+        uvloop=False,
+    )
+
+
+class CeilingProtocol(asyncio.Protocol):
+    """MLLP framing and a canned ACK: what the loop itself costs per message."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        end = buffer.find(b"\x1c")
+        if end < 0:
+            return
+        count = 0
+        start = 0
+        while end >= 0:
+            count += 1
+            start = end + 1
+            end = buffer.find(b"\x1c", start)
+        del buffer[:start]
+        self.transport.write(CANNED_ACK * count if count > 1 else CANNED_ACK)
+
+
+def ceiling(port: int, uvloop: bool) -> None:
+    async def start() -> Any:
+        return await asyncio.get_running_loop().create_server(CeilingProtocol, HOST, port)
+
+    run_asyncio(start, uvloop)
+
+
+LISTENERS: dict[str, Callable[[int], None]] = {
+    "hl7bridge-asyncio": lambda port: hl7bridge_asyncio(port),
+    "hl7bridge-asyncio-uvloop": lambda port: hl7bridge_asyncio(port, uvloop=True),
+    "hl7bridge-twisted": lambda port: hl7bridge_twisted(port, hl7bridge_ack_receiver),
+    "hl7bridge-twisted-uvloop": lambda port: hl7bridge_twisted(port, hl7bridge_ack_receiver, uvloop=True),
+    "hl7bridge-legacy": lambda port: hl7bridge_twisted(port, txhl7_receiver),
+    "hl7bridge-pid": lambda port: hl7bridge_twisted(port, hl7bridge_pid_receiver),
+    "txhl7-epoll": lambda port: txhl7(port, asyncio_reactor=False),
+    "txhl7-asyncio": lambda port: txhl7(port, asyncio_reactor=True),
+    "plain-hl7mllp": plain_hl7mllp,
+    "ceiling-asyncio": lambda port: ceiling(port, uvloop=False),
+    "ceiling-uvloop": lambda port: ceiling(port, uvloop=True),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=sorted(LISTENERS))
+    parser.add_argument("port", type=int)
+    parser.add_argument("--profile", metavar="FILE", help="run under cProfile; write stats to FILE on exit")
+    args = parser.parse_args(argv)
+    run = LISTENERS[args.kind]
+
+    if not args.profile:
+        # Twisted's reactors stop on SIGTERM by themselves; asyncio loops are just killed.
+        run(args.port)
+        return 0
+
+    import cProfile
+
+    profiler = cProfile.Profile()
+
+    def stop(signum: int, frame: Any) -> None:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
+        os._exit(0)
+
+    profiler.enable()
+    # After enable, and again after the reactor may have installed its own handlers.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        run(args.port)
+    finally:
+        stop(0, None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
