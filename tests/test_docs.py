@@ -226,11 +226,15 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
+def python_without(blocked: tuple[str, ...], script: Path, *args: str) -> list[str]:
+    """The command that runs ``script`` as __main__ with the ``blocked`` modules unimportable."""
+    return [sys.executable, "-c", BOOTSTRAP, str(script), ",".join(blocked), *args]
+
+
 def command(block: Block, script: Path, *args: str) -> list[str]:
     """Run ``script`` as __main__, with Twisted and hl7bridge blocked if the block asks."""
     assert block.marker is not None
-    blocked = ",".join(BLOCKED_BY_NO_TWISTED) if "no-twisted" in block.marker[1] else ""
-    return [sys.executable, "-c", BOOTSTRAP, str(script), blocked, *args]
+    return python_without(BLOCKED_BY_NO_TWISTED if "no-twisted" in block.marker[1] else (), script, *args)
 
 
 class Lines:

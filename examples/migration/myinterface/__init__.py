@@ -1,0 +1,1 @@
+"""The example interface of MIGRATION.md: admissions, orders and results over MLLP."""

@@ -1,0 +1,1 @@
+"""The new handlers: ``async def handle(message)``, python-hl7 and asyncio only."""
