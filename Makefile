@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test run lint format clean
+.PHONY: install test run lint format clean docs
 
 $(STAMP): setup.cfg setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,12 @@ format: $(STAMP)
 	$(BIN)/ruff format hl7bridge tests twisted examples
 	$(BIN)/ruff check --fix hl7bridge tests twisted examples
 
+# make docs: the Sphinx pages into docs/_build/html; a warning fails the build
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) .venv-* build *.egg-info .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-* build *.egg-info .mypy_cache .ruff_cache docs/_build
 
 # make bench: the benchmark of docs/performance.md (about 6 minutes; needs cc and taskset)
 BENCH_STAMP := $(VENV)/.bench-installed

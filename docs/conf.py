@@ -1,9 +1,10 @@
 """Sphinx configuration for the hl7bridge documentation.
 
-Build with ``pip install -e '.[docs]'`` then ``sphinx-build -W -b html docs docs/_build/html``
-(``tests/test_docs.py`` does the same when Sphinx is installed). The pages are
-reStructuredText only; the Markdown documents (MIGRATION.md, docs/architecture.md,
-docs/reliability.md, docs/performance.md) are read in the repository, not built here.
+Build with ``make docs`` (``sphinx-build -W`` into ``docs/_build/html``, with the
+``docs`` extra installed); ``tests/test_docs.py`` builds them the same way. The pages
+are reStructuredText, and Markdown read by MyST: ``docs/*.md`` (architecture,
+reliability, performance) and ``migration.md``, which includes ``MIGRATION.md`` from
+the root of the repository.
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ version = ".".join(release.split(".")[:2])
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
+    "myst_parser",
 ]
 
-source_suffix = {".rst": "restructuredtext"}
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build", "*.md"]
+exclude_patterns = ["_build"]
+
+# MIGRATION.md links to its own sections by GitHub's anchors (#stage-0-...): give
+# Markdown headings the same ones, down to the level those links use.
+myst_heading_anchors = 3
 
 # Docstrings are written in Google style (Args:, Returns:, Raises:).
 napoleon_google_docstring = True
