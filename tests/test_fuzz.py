@@ -18,12 +18,11 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.logger import globalLogPublisher
 
 from hl7bridge.framing import Deframer, Frame
 from hl7bridge.testing import asyncio_test
 from tests.cases import CR, FS, M1, M2, VT
-from tests.support import FACES, Peer, control_id, frame, listening, message, msa
+from tests.support import FACES, Peer, Unhandled, control_id, frame, listening, message, msa
 from tests.test_session import Recording
 
 PIECES = st.one_of(
@@ -35,18 +34,18 @@ STREAMS = st.lists(PIECES, max_size=12).map(b"".join)
 
 
 class Listeners:
-    """One listener per face for the whole module, and the errors seen while fuzzing."""
+    """One listener per face for the whole module, and the errors nobody handled while fuzzing."""
 
     def __init__(self) -> None:
         self.ports: dict[str, int] = {}
-        self.errors: list[Any] = []
-        self._stack: Any = None
+        self.unhandled = Unhandled()
+
+    @property
+    def errors(self) -> list[Any]:
+        return self.unhandled.errors
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._previous_handler = loop.get_exception_handler()
-        loop.set_exception_handler(lambda _, context: self.errors.append(context))
-        globalLogPublisher.addObserver(self._twisted_event)
+        self.unhandled.start()
         self._contexts = [listening(face, Recording(), max_message_size=4096, frame_timeout=2) for face in FACES]
         for face, context in zip(FACES, self._contexts, strict=True):
             self.ports[face] = await context.__aenter__()
@@ -54,12 +53,8 @@ class Listeners:
     async def stop(self) -> None:
         for context in self._contexts:
             await context.__aexit__(None, None, None)
-        globalLogPublisher.removeObserver(self._twisted_event)
-        asyncio.get_running_loop().set_exception_handler(self._previous_handler)
-
-    def _twisted_event(self, event: dict[str, Any]) -> None:
-        if event.get("isError") or event.get("log_failure"):
-            self.errors.append(event)
+        self.unhandled.collect()
+        self.unhandled.stop()
 
 
 @pytest.fixture(scope="module")
