@@ -290,6 +290,68 @@ async def test_ten_megabyte_frame_over_a_one_megabyte_limit(face: str) -> None:
         await peer.close()
 
 
+class Refusing(AbstractReceiver):
+    """Decodes ASCII only, cannot parse ZZZ messages, fails on FAIL and never answers HANG."""
+
+    def getCodec(self) -> str:  # noqa: N802
+        return "ascii"
+
+    def parseMessage(self, raw_message: str) -> MessageContainer:  # noqa: N802
+        if "|ZZZ^" in raw_message:
+            raise ValueError("unknown message type")
+        return HL7MessageContainer(raw_message)
+
+    def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        name = control_id(container.raw_message)
+        if name == "FAIL":
+            raise RuntimeError("database down")
+        return defer.Deferred() if name == "HANG" else container.ack()
+
+
+def check_nak(reply: bytes, sent_id: str, code: str, reason: str, error: str) -> str:
+    """Check a NAK field by field (HL7 v2.5 original mode); return its MSH-10."""
+    segments = reply.decode("ascii").split("\r")
+    msh = segments[0].split("|")
+    # Sender and receiver swapped, type, processing id and version as the message had them.
+    assert msh[2:6] == ["RECVAPP", "RECVFAC", "SENDAPP", "SENDFAC"], segments[0]
+    assert msh[8] == "ACK^A01^ACK" and msh[10:12] == ["P", "2.5"], segments[0]
+    assert msh[9] and msh[9] != sent_id, segments[0]
+    assert segments[1] == f"MSA|{code}|{sent_id}|{reason}"
+    assert segments[2] == f"ERR|||{error}^HL70357|E"
+    return msh[9]
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_every_nak_is_built_from_the_msh_with_a_reason_and_an_err_segment(face: str) -> None:
+    undecodable = message("BAD", body="PID|1||7||M\u00fcller\r").encode("latin-1")
+    unparseable = message("ZZZ").replace("ADT^A01^ADT_A01", "ZZZ^A01").encode()
+    large = message("BIG", body="OBX|1|ED|PDF||" + "A" * 4000 + "\r").encode()
+    sent = [undecodable, unparseable, large, *(message(name).encode() for name in ("FAIL", "HANG", "OK"))]
+    options = {"max_message_size": 3000, "handler_timeout": 0.3, "frame_timeout": 0.5}
+    async with listening(face, Refusing(), **options) as port:
+        peer, stuck = await Peer.connect(port), await Peer.connect(port)
+        await peer.send(b"".join(frame(data) for data in sent))
+        # The MSH whole, then nothing more: answered when frame_timeout passes.
+        partial = frame(message("SLOW").encode())
+        await stuck.send(partial[: partial.index(b"EVN")])
+        replies = await peer.replies(6)
+        stuck_reply = await stuck.reply()
+        await peer.close()
+        await stuck.close()
+    control_ids = [
+        check_nak(replies[0], "BAD", "AR", "undecodable message", "102^Data type error"),
+        check_nak(replies[1], "ZZZ", "AR", "message could not be parsed", "100^Segment sequence error"),
+        check_nak(replies[2], "BIG", "AR", "message too large", "207^Application internal error"),
+        check_nak(replies[3], "FAIL", "AR", "handler failed", "207^Application internal error"),
+        check_nak(replies[4], "HANG", "AE", "handler timed out", "207^Application internal error"),
+        check_nak(stuck_reply, "SLOW", "AR", "message not completed in time", "207^Application internal error"),
+    ]
+    assert msa(replies[5].decode())[1:3] == ["AA", "OK"]
+    # Each NAK has a control id of its own.
+    assert len(set(control_ids)) == len(control_ids)
+
+
 # Charsets
 
 

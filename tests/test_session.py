@@ -128,6 +128,24 @@ async def test_no_timeout_keeps_connection_open(face: str) -> None:
         await peer.close()
 
 
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_listener_idle_timeout_applies_when_get_timeout_gives_none(face: str) -> None:
+    async with listening(face, Recording(timeout=None), idle_timeout=0.3) as port:
+        peer = await Peer.connect(port)
+        started = time.monotonic()
+        assert await peer.closed_by_peer()
+        assert 0.2 < time.monotonic() - started < 5
+        await peer.close()
+    # The receiver's getTimeout() wins over the listener's default.
+    async with listening(face, Recording(timeout=30), idle_timeout=0.3) as port:
+        peer = await Peer.connect(port)
+        await asyncio.sleep(0.8)
+        await peer.send(frame(message("STILL").encode()))
+        assert ids([await peer.reply()]) == ["STILL"]
+        await peer.close()
+
+
 class Selective(AbstractHL7Receiver):
     """Answers None (no ACK) for messages whose control id starts with N."""
 
@@ -320,7 +338,11 @@ async def test_deviations_are_logged_once_per_connection_without_content(
     data = b"".join(VT + message(f"D{i}").encode() + FS for i in range(3))  # FS without CR, three times
     await exchange(face, Recording(), data, 3)
     logged = [r.getMessage() for r in caplog.records if r.name.startswith("hl7bridge")]
-    assert sum("end block not followed by CR" in line for line in logged) == 1
+    # Once, with its kind and the stream offset of the byte where CR was due.
+    first = len(VT + message("D0").encode() + FS)
+    deviations = [line for line in logged if "end block not followed by CR" in line]
+    assert len(deviations) == 1
+    assert deviations[0].endswith(f": framing deviation tolerated: end block not followed by CR at byte {first}")
     assert not [line for line in logged if "DOE" in line or "SENDAPP" in line]
 
 
