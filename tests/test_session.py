@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Any
 
+import hl7
 import pytest
 from twisted.internet import defer, reactor, threads
 
@@ -247,7 +248,7 @@ async def test_acks_leave_in_arrival_order_when_handlers_finish_out_of_order(fac
 
 
 class Counting(AbstractReceiver):
-    """Counts parseMessage calls and never parses HL7 itself."""
+    """Counts parseMessage calls; reads each message's PID twice before acknowledging it."""
 
     def __init__(self) -> None:
         self.parsed = 0
@@ -257,15 +258,25 @@ class Counting(AbstractReceiver):
         return HL7MessageContainer(raw_message)
 
     def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        assert isinstance(container, HL7MessageContainer)
+        assert str(container.message.segment("PID")(3)) == str(container.message.segment("PID")(3))
         return container.ack()
 
 
 @pytest.mark.parametrize("face", FACES)
 @asyncio_test
-async def test_parse_message_is_called_once_per_message(face: str) -> None:
+async def test_parse_message_is_called_once_per_message(face: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """parseMessage once per message, and python-hl7's parser at most once, with metrics and logs on."""
+    parses: list[str] = []
+    real_parse = hl7.parse
+    monkeypatch.setattr(
+        hl7, "parse", lambda text, *args, **kwargs: parses.append(text) or real_parse(text, *args, **kwargs)
+    )
     receiver = Counting()
-    await exchange(face, receiver, b"".join(frame(message(f"P{i}").encode()) for i in range(5)), 5)
+    texts = [message(f"P{i}") for i in range(5)]
+    await exchange(face, receiver, b"".join(frame(text.encode()) for text in texts), 5, metrics=True)
     assert receiver.parsed == 5
+    assert parses == texts
 
 
 @pytest.mark.parametrize("face", FACES)
