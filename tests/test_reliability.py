@@ -282,12 +282,16 @@ async def test_parse_failure_gets_ar_with_err_segment(face: str) -> None:
 async def test_ten_megabyte_frame_over_a_one_megabyte_limit(face: str) -> None:
     big = message("HUGE", body="OBX|1|ED|PDF^Base64||" + "QUJD" * (10 * 1024 * 1024 // 4) + "\r").encode()
     async with listening(face, Recording(), max_message_size=1024 * 1024) as port:
-        peer = await Peer.connect(port)
+        peer, other = await Peer.connect(port), await Peer.connect(port)
         sending = asyncio.ensure_future(peer.send(frame(big) + frame(message("NEXT").encode())))
+        # Another connection is served while the large frame streams in.
+        await other.send(frame(message("OTHER").encode()))
+        assert msa((await other.reply()).decode())[1:3] == ["AA", "OTHER"]
         replies = await peer.replies(2, timeout=30)
         await sending
         assert [msa(r.decode())[1:4] for r in replies] == [["AR", "HUGE", "message too large"], ["AA", "NEXT"]]
         await peer.close()
+        await other.close()
 
 
 class Refusing(AbstractReceiver):
