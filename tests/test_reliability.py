@@ -385,6 +385,30 @@ async def test_msh18_is_followed_when_asked_and_the_ack_encoded_alike(face: str)
     assert "M\u00c3\u00bcller" in forced.received[0]
 
 
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_bytes_that_break_the_declared_charset_get_ar_not_a_crash(face: str) -> None:
+    def declared(charset: str, name: str) -> str:
+        return message(name, body="PID|1||9||M\u00fcller\r").replace("|P|2.5\r", f"|P|2.5||||||{charset}\r", 1)
+
+    receiver = NoCodec(codec=None)
+    data = b"".join(
+        [
+            frame(declared("UNICODE UTF-8", "U1").encode("latin-1")),  # not UTF-8
+            frame(declared("ASCII", "A1").encode("latin-1")),  # 8-bit in ASCII
+            frame(declared("NO SUCH CHARSET", "X1").encode("utf-8")),  # unknown: UTF-8
+            frame(declared("8859/1", "L1").encode("latin-1")),
+        ]
+    )
+    replies = await exchange(face, receiver, data, 4, follow_msh18=True)
+    assert [msa(r.decode("latin-1"))[1:4] for r in replies[:2]] == [
+        ["AR", "U1", "undecodable message"],
+        ["AR", "A1", "undecodable message"],
+    ]
+    assert [msa(r.decode("latin-1"))[1:3] for r in replies[2:]] == [["AA", "X1"], ["AA", "L1"]]
+    assert receiver.received == [declared("NO SUCH CHARSET", "X1"), declared("8859/1", "L1")]
+
+
 # Shutdown
 
 
