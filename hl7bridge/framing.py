@@ -106,7 +106,9 @@ class Deframer:
         self._in_block = False
         self._after_block = False  # an FS ended the last block; its CR is due
         self._dropping = 0  # > 0: inside an oversized block, bytes seen so far
-        self._head = b""
+        self._head = b""  # the first HEAD_SIZE bytes of the oversized block
+        self._unstarted = False  # the block dropped has no VT: it may yet prove to be junk
+        self._start = 0  # stream offset where that block began
         self._rejected = False
         self._scanned = 0  # bytes of _buffer known to hold neither VT nor FS
 
@@ -129,12 +131,14 @@ class Deframer:
         if self._rejected:
             return []
         events: list[Event] = []
-        if self._in_block and (self._buffer or self._dropping):
+        if self._unstarted:
+            events.append(Deviation(JUNK_BEFORE_START, self._start))
+        elif self._in_block and (self._buffer or self._dropping):
             events.append(Deviation(TRUNCATED_BLOCK, self._offset))
         elif not self._in_block and self._buffer.strip(_WHITESPACE):
             events.append(Deviation(JUNK_BEFORE_START, self._offset))
         self._consume(len(self._buffer))
-        self._in_block = False
+        self._in_block = self._unstarted = False
         self._dropping = 0
         return events
 
@@ -195,25 +199,27 @@ class Deframer:
                 return self._reject(events, MISSING_CR_AFTER_END, self._offset)
             else:
                 events.append(Deviation(MISSING_CR_AFTER_END, self._offset))
+        if not self._strict:
+            # Whitespace between blocks (CR, LF, CRLF) is common and harmless.
+            blank = 0
+            while blank < len(buffer) and buffer[blank] in _WHITESPACE:
+                blank += 1
+            self._consume(blank)
+        if not buffer:
+            return False
         start = buffer.find(START_BLOCK)
         if self._strict:
             if start != 0:
-                if not buffer:
-                    return False
                 return self._reject(events, JUNK_BEFORE_START, self._offset)
         else:
             end = buffer.find(END_BLOCK, 0, start if start >= 0 else len(buffer))
             if end >= 0:
                 return self._unstarted_block(events, end)
             if start < 0:
-                # Whitespace between blocks (CR, LF, CRLF) is common and harmless;
-                # other bytes wait: they may still turn out to be a block
+                # Other bytes wait: they may still turn out to be a block
                 # without VT, ended by an FS not yet received.
-                if not buffer.strip(_WHITESPACE):
-                    self._consume(len(buffer))
-                    return False
                 return self._check_size(events, len(buffer))
-            if buffer[:start].strip(_WHITESPACE):
+            if start:
                 events.append(Deviation(JUNK_BEFORE_START, self._offset))
         self._consume(start + 1)
         self._in_block = True
@@ -221,14 +227,19 @@ class Deframer:
 
     def _unstarted_block(self, events: list[Event], end: int) -> bool:
         """Lenient: bytes ended by FS with no VT before them (txHL7 took these)."""
-        # Whitespace before it is what ended the previous block (CR, LF).
-        data = bytes(self._buffer[:end]).lstrip(_WHITESPACE)
-        if data:
+        if end:
             events.append(Deviation(MISSING_START, self._offset))
-            events.append(Frame(data))
+            self._complete(events, end)
         self._consume(end + 1)
         self._after_block = True
         return True
+
+    def _complete(self, events: list[Event], end: int) -> None:
+        """``_buffer[:end]`` is a whole block: a Frame, or Oversized past the limit."""
+        if end > self._max:
+            events.append(Oversized(bytes(self._buffer[: min(end, HEAD_SIZE)]), end))
+        elif end:
+            events.append(Frame(bytes(self._buffer[:end])))
 
     def _step_in_block(self, events: list[Event]) -> bool:
         buffer = self._buffer
@@ -238,35 +249,48 @@ class Deframer:
         if restart >= 0:
             if self._strict:
                 return self._reject(events, RESTARTED_BLOCK, self._offset + restart)
-            if restart or self._dropping:
+            if self._unstarted:
+                # The oversized "block" had no VT: it was junk before this one.
+                events.append(Deviation(JUNK_BEFORE_START, self._start))
+            elif restart or self._dropping:
                 events.append(Deviation(RESTARTED_BLOCK, self._offset + restart))
             self._consume(restart + 1)
             self._dropping = 0
+            self._unstarted = False
             return True
         if end < 0:
             self._scanned = len(buffer)
             return self._check_size(events, len(buffer))
         if self._dropping:
-            events.append(Oversized(self._head, self._dropping + end))
+            if self._unstarted:
+                events.append(Deviation(MISSING_START, self._start))
+            self._drop(end)
+            events.append(Oversized(self._head, self._dropping))
             self._dropping = 0
-            self._head = b""
-        elif end:
-            events.append(Frame(bytes(buffer[:end])))
-        self._consume(end + 1)
+            self._unstarted = False
+            self._consume(1)
+        else:
+            self._complete(events, end)
+            self._consume(end + 1)
         self._in_block = False
         self._after_block = True
         return True
 
     def _check_size(self, events: list[Event], size: int) -> bool:
         """Drop the buffered part of a block that has grown past the limit."""
-        if self._dropping:
-            self._dropping += size
-            self._consume(size)
-        elif size > self._max:
-            self._head = bytes(self._buffer[:HEAD_SIZE])
-            self._dropping = size
-            self._consume(size)
+        if not self._dropping and size > self._max:
+            self._head = b""
+            self._start = self._offset
             if not self._in_block:
-                # A block without VT: it can only end at FS, so wait for that.
-                self._in_block = True
+                # A block without VT: it ends at FS, or proves to be junk at VT.
+                self._in_block = self._unstarted = True
+        if self._dropping or size > self._max:
+            self._drop(size)
         return False
+
+    def _drop(self, count: int) -> None:
+        """Drop the first ``count`` buffered bytes of an oversized block, keeping its head."""
+        if len(self._head) < HEAD_SIZE:
+            self._head += bytes(self._buffer[: min(count, HEAD_SIZE - len(self._head))])
+        self._dropping += count
+        self._consume(count)

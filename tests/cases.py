@@ -31,6 +31,12 @@ class Case:
         """The blocks a receiver sees: those that are HL7 messages."""
         return [block for block in self.blocks if block.startswith(b"MSH")]
 
+    @property
+    def strict_messages(self) -> list[bytes]:
+        """The same in strict mode: the messages before the rejection, if any."""
+        blocks = self.blocks if self.strict_blocks is None else self.strict_blocks
+        return [block for block in blocks if block.startswith(b"MSH")]
+
 
 CASES = [
     Case("one frame", VT + M1 + FS + CR, [M1]),

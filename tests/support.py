@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import re
 import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
 
 import hl7bridge
 from hl7bridge.defer import to_future
 from hl7bridge.mllp import MLLPFactory
+from hl7bridge.server import _engines
+from hl7bridge.session import Engine
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 FACES = ("asyncio", "twisted")
@@ -83,29 +88,94 @@ def control_id(text: str) -> str:
     return msh[9] if len(msh) > 9 else ""
 
 
+# The engine behind each port that listening() serves, for tests that look inside.
+ENGINES: dict[int, Engine] = {}
+
+
 @contextlib.asynccontextmanager
 async def listening(face: str, receiver: Any, **options: Any) -> AsyncIterator[int]:
     """Serve ``receiver`` on 127.0.0.1 on a free port with one face; yield the port.
 
     Connection limits are off unless given: tests open hundreds of connections
-    from 127.0.0.1 at once.
+    from 127.0.0.1 at once. ``ENGINES[port]`` is the listener's engine meanwhile.
     """
     options.setdefault("max_connections", None)
     options.setdefault("max_connections_per_peer", None)
     if face == "asyncio":
         server = await hl7bridge.serve(receiver, HOST, 0, backlog=BACKLOG, **options)
+        number = server.sockets[0].getsockname()[1]
+        ENGINES[number] = _engines[server]
         try:
-            yield server.sockets[0].getsockname()[1]
+            yield number
         finally:
+            del ENGINES[number]
             server.close()
     else:
         factory = MLLPFactory(receiver, **options)
         port = reactor.listenTCP(0, factory, backlog=BACKLOG, interface=HOST)
+        number = port.getHost().port
+        ENGINES[number] = factory.engine
         try:
-            yield port.getHost().port
+            yield number
         finally:
+            del ENGINES[number]
             await to_future(port.stopListening(), asyncio.get_running_loop())
             await factory.engine.close()
+
+
+def open_fds() -> int:
+    """File descriptors this process holds (Linux: needs /proc)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def all_closed(port: int, timeout: float = 10) -> None:
+    """Wait until the listener on ``port`` serves no connection: none is stuck."""
+    engine = ENGINES[port]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while engine.connections:
+        assert asyncio.get_running_loop().time() < deadline, f"{engine.connections} connections still served"
+        await asyncio.sleep(0.02)
+
+
+class Unhandled:
+    """Errors nobody handled while it watches: the loop's exception handler and Twisted's error log.
+
+    "Task exception was never retrieved" and "Unhandled error in Deferred"
+    are reported when the object is collected, so :meth:`collect` runs the
+    garbage collector first.
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[Any] = []
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._previous = self._loop.get_exception_handler()
+        self._loop.set_exception_handler(lambda _, context: self.errors.append(context))
+        globalLogPublisher.addObserver(self._twisted_event)
+
+    def stop(self) -> None:
+        globalLogPublisher.removeObserver(self._twisted_event)
+        self._loop.set_exception_handler(self._previous)
+
+    def collect(self) -> list[Any]:
+        gc.collect()
+        return self.errors
+
+    def _twisted_event(self, event: dict[str, Any]) -> None:
+        if event.get("isError") or event.get("log_failure"):
+            self.errors.append(event)
+
+    async def __aenter__(self) -> Unhandled:
+        self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        try:
+            if exc_type is None:
+                assert self.collect() == []
+        finally:
+            self.stop()
 
 
 class Peer:
@@ -154,6 +224,11 @@ class Peer:
             return await asyncio.wait_for(self.reader.read(), timeout) == b""
         except ConnectionError:
             return True
+
+    def reset(self) -> None:
+        """Drop the connection with a TCP reset (RST), as a crashed peer does."""
+        self.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
 
     async def close(self) -> None:
         self.writer.close()

@@ -83,6 +83,27 @@ def test_oversized_block_is_dropped_with_its_head_kept(mode: str) -> None:
     assert after == f.Frame(M2)
 
 
+@pytest.mark.parametrize("mode", f.FRAMING_MODES)
+def test_block_over_the_limit_is_refused_however_it_arrives(mode: str) -> None:
+    """Whole in one read, or ended in a read that also brings more of it, it is Oversized."""
+    limit = len(M1) - 1
+    for chunks in ([VT + M1 + FS + CR], [VT + M1[:50], M1[50:] + FS + CR], [VT, M1 + FS + CR + VT + M2[:10]]):
+        events = run(f.Deframer(mode, limit), chunks)
+        assert events[0] == f.Oversized(M1, len(M1)), chunks
+    # A block without VT, in lenient mode, the same.
+    events = run(f.Deframer(f.LENIENT, limit), [M1[:50], M1[50:] + FS + CR])
+    assert events == [f.Deviation(f.MISSING_START, 0), f.Oversized(M1, len(M1))]
+
+
+def test_junk_past_the_limit_is_junk_however_it_arrives() -> None:
+    """Bytes without VT grow past the limit before a VT arrives: still junk, at its offset."""
+    junk = b"\x00" * 300
+    stream = b"\r\n" + junk + VT + M1 + FS + CR
+    expected = [f.Deviation(f.JUNK_BEFORE_START, 2), f.Frame(M1)]
+    assert run(f.Deframer(max_message_size=200), [stream]) == expected
+    assert run(f.Deframer(max_message_size=200), [stream[:250], stream[250:]]) == expected
+
+
 def test_block_exactly_at_the_limit_is_accepted() -> None:
     assert run(f.Deframer(max_message_size=len(M1)), [VT + M1 + FS + CR]) == [f.Frame(M1)]
 
@@ -126,3 +147,29 @@ def test_framing_and_ack_import_no_io_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "none"
+
+
+# Pieces of a stream: MLLP's bytes, parts of messages, and bytes of any kind.
+PIECES = [VT, FS, CR, b"\n", VT + FS + CR, b"\r\n", M1[:20], M1, M2, b"junk", b"\x00\xff"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(st.one_of(st.sampled_from(PIECES), st.binary(min_size=1, max_size=8)), max_size=12).map(b"".join),
+    st.lists(st.integers(min_value=0, max_value=2000), max_size=8),
+    st.sampled_from(f.FRAMING_MODES),
+    st.sampled_from([8, 100, f.DEFAULT_MAX_MESSAGE_SIZE]),
+)
+def test_any_stream_gives_the_same_events_however_it_is_cut(
+    stream: bytes, cuts: list[int], mode: str, limit: int
+) -> None:
+    """Fuzz: frames, NAK heads, deviations and offsets do not depend on how the bytes arrive."""
+    points = sorted({cut % (len(stream) + 1) for cut in cuts})
+    chunks = [stream[start:end] for start, end in zip([0, *points], [*points, len(stream)], strict=True)]
+    whole = run(f.Deframer(mode, limit), [stream])
+    assert run(f.Deframer(mode, limit), chunks) == whole
+    for event in whole:
+        if isinstance(event, f.Frame):
+            assert 0 < len(event.data) <= limit
+        elif isinstance(event, f.Oversized):
+            assert event.size > limit and len(event.head) == min(event.size, f.HEAD_SIZE)

@@ -1,10 +1,13 @@
 """Fuzzing the framing and dispatch path: random streams against live listeners.
 
-Thousands of streams built from MLLP's special bytes, pieces of MSH segments,
-whole messages and random bytes go to a listener of each face. Whatever comes
-in, no exception escapes (nothing reaches the loop's exception handler or
-Twisted's log as an error), every reply is a well-framed ACK of a message that
-was sent, and the listener keeps serving.
+``FUZZ_EXAMPLES`` streams built from MLLP's special bytes, pieces of MSH
+segments, whole messages and random bytes go to a listener of each face, each
+cut in two at a random point. Whatever comes in, no exception escapes (nothing
+reaches the loop's exception handler or Twisted's log as an error), every reply
+is a well-framed ACK of a message that was sent, and the listener keeps serving.
+
+A property test sends valid messages cut at random points: the receiver gets
+the same messages, and the sender the same ACKs in the same order.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.logger import globalLogPublisher
 
 from hl7bridge.framing import Deframer, Frame
+from hl7bridge.receiver import MessageContainer
 from hl7bridge.testing import asyncio_test
 from tests.cases import CR, FS, M1, M2, VT
-from tests.support import FACES, Peer, control_id, frame, listening, message, msa
+from tests.support import FACES, Peer, Unhandled, control_id, frame, listening, message, msa
 from tests.test_session import Recording
 
 PIECES = st.one_of(
@@ -33,33 +36,58 @@ PIECES = st.one_of(
 )
 STREAMS = st.lists(PIECES, max_size=12).map(b"".join)
 
+#: Streams tried on each face; the module's fixture checks that they all ran.
+FUZZ_EXAMPLES = 2000
+
+TEXT = st.text(st.characters(exclude_categories=("Cs", "Cc")), max_size=20)
+MESSAGES = st.builds(
+    lambda number, trigger, name: message(f"PC{number}", trigger, body=f"PID|1||{number}||{name}\r"),
+    st.integers(0, 10**6),
+    st.sampled_from(["A01", "A04", "A08"]),
+    TEXT,
+)
+
+
+class Shuffling(Recording):
+    """Records each message and answers it after 0 to 3 turns of the loop, so answers finish out of order."""
+
+    def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        self.received.append(container.raw_message)
+        turns = sum(map(ord, control_id(container.raw_message))) % 4
+        return self.later(container, turns) if turns else container.ack()
+
+    async def later(self, container: MessageContainer, turns: int) -> str | None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        return container.ack()
+
 
 class Listeners:
-    """One listener per face for the whole module, and the errors seen while fuzzing."""
+    """One listener per face for the whole module, and the errors nobody handled while fuzzing."""
 
     def __init__(self) -> None:
         self.ports: dict[str, int] = {}
-        self.errors: list[Any] = []
-        self._stack: Any = None
+        self.receivers = {face: Shuffling() for face in FACES}
+        self.unhandled = Unhandled()
+        self.tried = 0
+
+    @property
+    def errors(self) -> list[Any]:
+        return self.unhandled.errors
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._previous_handler = loop.get_exception_handler()
-        loop.set_exception_handler(lambda _, context: self.errors.append(context))
-        globalLogPublisher.addObserver(self._twisted_event)
-        self._contexts = [listening(face, Recording(), max_message_size=4096, frame_timeout=2) for face in FACES]
+        self.unhandled.start()
+        self._contexts = [
+            listening(face, self.receivers[face], max_message_size=4096, frame_timeout=2) for face in FACES
+        ]
         for face, context in zip(FACES, self._contexts, strict=True):
             self.ports[face] = await context.__aenter__()
 
     async def stop(self) -> None:
         for context in self._contexts:
             await context.__aexit__(None, None, None)
-        globalLogPublisher.removeObserver(self._twisted_event)
-        asyncio.get_running_loop().set_exception_handler(self._previous_handler)
-
-    def _twisted_event(self, event: dict[str, Any]) -> None:
-        if event.get("isError") or event.get("log_failure"):
-            self.errors.append(event)
+        self.unhandled.collect()
+        self.unhandled.stop()
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +97,8 @@ def listeners() -> Iterator[Listeners]:
     yield found
     pytest_twisted.blockon(asyncio_test(found.stop)())
     assert found.errors == []
+    # Hypothesis ran every example it was asked for, unless the fuzz was not selected.
+    assert found.tried in (0, FUZZ_EXAMPLES) or found.tried > FUZZ_EXAMPLES
 
 
 def expected_ids(stream: bytes) -> list[str]:
@@ -88,13 +118,28 @@ def expected_ids(stream: bytes) -> list[str]:
     return ids
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(stream=STREAMS)
-def test_random_streams_never_break_a_listener(listeners: Listeners, stream: bytes) -> None:
+async def send_in_pieces(peer: Peer, stream: bytes, cuts: list[int]) -> None:
+    """Send ``stream`` cut at ``cuts`` (taken modulo its length), one piece per read of the listener.
+
+    Listener and peer share the loop: after two turns of it, the listener has
+    read the piece sent before (on loopback it arrives as it is sent).
+    """
+    points = sorted({cut % (len(stream) + 1) for cut in cuts})
+    for start, end in zip([0, *points], [*points, len(stream)], strict=True):
+        if start:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        await peer.send(stream[start:end])
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=STREAMS, cut=st.integers(0, 10**4))
+def test_random_streams_never_break_a_listener(listeners: Listeners, stream: bytes, cut: int) -> None:
     async def check() -> None:
+        listeners.tried += 1
         for face in FACES:
             peer = await Peer.connect(listeners.ports[face])
-            await peer.send(stream)
+            await send_in_pieces(peer, stream, [cut])
             peer.writer.write_eof()
             data = await asyncio.wait_for(peer.reader.read(), 10)
             await peer.close()
@@ -107,6 +152,31 @@ def test_random_streams_never_break_a_listener(listeners: Listeners, stream: byt
             # Exactly one answer per message with an MSH, in order; one the
             # receiver could not decode gets its (negative) answer too.
             assert answered == expected_ids(stream), (face, stream)
+        assert listeners.errors == []
+
+    return asyncio_test(check)()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(MESSAGES, min_size=1, max_size=6), cuts=st.lists(st.integers(0, 10**4), max_size=12))
+def test_any_chunking_of_valid_frames_gives_the_same_messages_and_acks_in_order(
+    listeners: Listeners, texts: list[str], cuts: list[int]
+) -> None:
+    stream = b"".join(frame(text.encode()) for text in texts)
+
+    async def check() -> None:
+        for face in FACES:
+            receiver = listeners.receivers[face]
+            receiver.received.clear()
+            peer = await Peer.connect(listeners.ports[face])
+            await send_in_pieces(peer, stream, cuts)
+            peer.writer.write_eof()
+            data = await asyncio.wait_for(peer.reader.read(), 10)
+            await peer.close()
+            assert data.startswith(VT) and data.endswith(FS + CR), face
+            replies = [msa(reply.decode()) for reply in data[1:-2].split(FS + CR + VT)]
+            assert receiver.received == texts, face
+            assert [reply[1:3] for reply in replies] == [["AA", control_id(text)] for text in texts], face
         assert listeners.errors == []
 
     return asyncio_test(check)()

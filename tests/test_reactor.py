@@ -58,6 +58,37 @@ def test_twisted_face_on_the_default_reactor_fails_at_listen_with_a_message() ->
     assert "hl7bridge.errors.WrongReactor: hl7bridge needs Twisted's asyncio reactor" in result.stderr
 
 
+def test_asyncio_face_on_the_default_reactor_fails_with_a_message() -> None:
+    result = run(
+        """
+        import asyncio
+        from twisted.internet import reactor
+        import hl7bridge
+        from hl7bridge.receiver import LoggingReceiver
+        async def main():
+            await hl7bridge.serve(LoggingReceiver(), "127.0.0.1", 0)
+        asyncio.run(asyncio.wait_for(main(), 30))
+        """
+    )
+    assert result.returncode != 0
+    assert "hl7bridge.errors.WrongReactor: hl7bridge needs Twisted's asyncio reactor" in result.stderr
+
+
+def test_twisted_endpoint_on_the_default_reactor_fails_its_deferred_with_a_message() -> None:
+    result = run(
+        """
+        from twisted.internet import endpoints, reactor
+        from hl7bridge.mllp import MLLPFactory
+        from hl7bridge.receiver import LoggingReceiver
+        listening = endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        listening.listen(MLLPFactory(LoggingReceiver())).addErrback(
+            lambda failure: print(f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        )
+        """
+    )
+    assert result.stdout.startswith("WrongReactor: hl7bridge needs Twisted's asyncio reactor"), result.stderr
+
+
 def test_asyncio_face_refuses_a_reactor_on_another_loop() -> None:
     result = run(
         """

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 
 import hl7bridge
 from hl7bridge.defer import to_future
@@ -23,15 +22,19 @@ from hl7bridge.receiver import AbstractHL7Receiver, AbstractReceiver, HL7Message
 from hl7bridge.testing import asyncio_test
 from tests.support import (
     BACKLOG,
+    ENGINES,
     FACES,
     HOST,
     Peer,
+    Unhandled,
+    all_closed,
     control_id,
     corpus_messages,
     frame,
     listening,
     message,
     msa,
+    open_fds,
 )
 from tests.test_session import Recording, exchange, ids
 
@@ -168,20 +171,87 @@ async def test_handler_timeout_answers_ae_once_and_the_connection_goes_on(
 # Faults
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count file descriptors")
 @pytest.mark.parametrize("face", FACES)
 @asyncio_test
 async def test_peer_reset_mid_frame_leaves_the_listener_serving(face: str, caplog: pytest.LogCaptureFixture) -> None:
-    async with listening(face, Recording()) as port:
+    async with Unhandled(), listening(face, Recording()) as port:
+        fds_before = open_fds()
         for _ in range(5):
             peer = await Peer.connect(port)
             await peer.send(frame(message("HALF").encode())[:60])
             await asyncio.sleep(0.02)
-            peer.writer.transport.abort()
+            peer.reset()
+        await all_closed(port)
+        assert open_fds() <= fds_before
         other = await Peer.connect(port)
         await other.send(frame(message("AFTER").encode()))
         assert ids([await other.reply()]) == ["AFTER"]
         await other.close()
     assert errors_logged(caplog) == []
+
+
+class Unfinished(AbstractHL7Receiver):
+    """Answers (or fails) 0.3 s after each message, by one of the means receivers use."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.finished = 0
+
+    def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        if self.how == "coroutine":
+            return self.later(container)
+        if self.how == "deferToThread":
+            return threads.deferToThread(self.work, container)
+        d: defer.Deferred[str] = defer.Deferred()
+        if self.how == "failing Deferred":
+            reactor.callLater(0.3, self.fail, d)
+        else:
+            reactor.callLater(0.3, lambda: d.callback(self.work(container, 0)))
+        return d
+
+    def work(self, container: MessageContainer, delay: float = 0.3) -> str:
+        time.sleep(delay)
+        self.finished += 1
+        return container.ack()
+
+    def fail(self, d: defer.Deferred[str]) -> None:
+        self.finished += 1
+        d.errback(RuntimeError("lookup failed"))
+
+    async def later(self, container: MessageContainer) -> str:
+        await asyncio.sleep(0.3)
+        return self.work(container, 0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count file descriptors")
+@pytest.mark.parametrize("how", ["coroutine", "deferToThread", "Deferred", "failing Deferred"])
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_peer_reset_mid_handler_leaves_no_task_error_or_descriptor(
+    face: str, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = Unfinished(how)
+    async with Unhandled(), listening(face, receiver) as port:
+        fds_before = open_fds()
+        peers = [await Peer.connect(port) for _ in range(3)]
+        for number, peer in enumerate(peers):
+            await peer.send(frame(message(f"GONE{number}").encode()))
+        await asyncio.sleep(0.1)
+        for peer in peers:
+            peer.reset()
+        await all_closed(port)
+        while receiver.finished < 3:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+        assert open_fds() <= fds_before
+        other = await Peer.connect(port)
+        await other.send(frame(message("AFTER").encode()))
+        assert msa((await other.reply()).decode())[2] == "AFTER"
+        await other.close()
+    # The failures are the handler's own, logged once each; nothing else is an error.
+    failures = ["handleMessage failed" in line for line in errors_logged(caplog)]
+    assert failures == ([True] * 4 if how == "failing Deferred" else [])
 
 
 class StrictParser(AbstractReceiver):
@@ -212,12 +282,78 @@ async def test_parse_failure_gets_ar_with_err_segment(face: str) -> None:
 async def test_ten_megabyte_frame_over_a_one_megabyte_limit(face: str) -> None:
     big = message("HUGE", body="OBX|1|ED|PDF^Base64||" + "QUJD" * (10 * 1024 * 1024 // 4) + "\r").encode()
     async with listening(face, Recording(), max_message_size=1024 * 1024) as port:
-        peer = await Peer.connect(port)
+        peer, other = await Peer.connect(port), await Peer.connect(port)
         sending = asyncio.ensure_future(peer.send(frame(big) + frame(message("NEXT").encode())))
+        # Another connection is served while the large frame streams in.
+        await other.send(frame(message("OTHER").encode()))
+        assert msa((await other.reply()).decode())[1:3] == ["AA", "OTHER"]
         replies = await peer.replies(2, timeout=30)
         await sending
         assert [msa(r.decode())[1:4] for r in replies] == [["AR", "HUGE", "message too large"], ["AA", "NEXT"]]
         await peer.close()
+        await other.close()
+
+
+class Refusing(AbstractReceiver):
+    """Decodes ASCII only, cannot parse ZZZ messages, fails on FAIL and never answers HANG."""
+
+    def getCodec(self) -> str:  # noqa: N802
+        return "ascii"
+
+    def parseMessage(self, raw_message: str) -> MessageContainer:  # noqa: N802
+        if "|ZZZ^" in raw_message:
+            raise ValueError("unknown message type")
+        return HL7MessageContainer(raw_message)
+
+    def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        name = control_id(container.raw_message)
+        if name == "FAIL":
+            raise RuntimeError("database down")
+        return defer.Deferred() if name == "HANG" else container.ack()
+
+
+def check_nak(reply: bytes, sent_id: str, code: str, reason: str, error: str) -> str:
+    """Check a NAK field by field (HL7 v2.5 original mode); return its MSH-10."""
+    segments = reply.decode("ascii").split("\r")
+    msh = segments[0].split("|")
+    # Sender and receiver swapped, type, processing id and version as the message had them.
+    assert msh[2:6] == ["RECVAPP", "RECVFAC", "SENDAPP", "SENDFAC"], segments[0]
+    assert msh[8] == "ACK^A01^ACK" and msh[10:12] == ["P", "2.5"], segments[0]
+    assert msh[9] and msh[9] != sent_id, segments[0]
+    assert segments[1] == f"MSA|{code}|{sent_id}|{reason}"
+    assert segments[2] == f"ERR|||{error}^HL70357|E"
+    return msh[9]
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_every_nak_is_built_from_the_msh_with_a_reason_and_an_err_segment(face: str) -> None:
+    undecodable = message("BAD", body="PID|1||7||M\u00fcller\r").encode("latin-1")
+    unparseable = message("ZZZ").replace("ADT^A01^ADT_A01", "ZZZ^A01").encode()
+    large = message("BIG", body="OBX|1|ED|PDF||" + "A" * 4000 + "\r").encode()
+    sent = [undecodable, unparseable, large, *(message(name).encode() for name in ("FAIL", "HANG", "OK"))]
+    options = {"max_message_size": 3000, "handler_timeout": 0.3, "frame_timeout": 0.5}
+    async with listening(face, Refusing(), **options) as port:
+        peer, stuck = await Peer.connect(port), await Peer.connect(port)
+        await peer.send(b"".join(frame(data) for data in sent))
+        # The MSH whole, then nothing more: answered when frame_timeout passes.
+        partial = frame(message("SLOW").encode())
+        await stuck.send(partial[: partial.index(b"EVN")])
+        replies = await peer.replies(6)
+        stuck_reply = await stuck.reply()
+        await peer.close()
+        await stuck.close()
+    control_ids = [
+        check_nak(replies[0], "BAD", "AR", "undecodable message", "102^Data type error"),
+        check_nak(replies[1], "ZZZ", "AR", "message could not be parsed", "100^Segment sequence error"),
+        check_nak(replies[2], "BIG", "AR", "message too large", "207^Application internal error"),
+        check_nak(replies[3], "FAIL", "AR", "handler failed", "207^Application internal error"),
+        check_nak(replies[4], "HANG", "AE", "handler timed out", "207^Application internal error"),
+        check_nak(stuck_reply, "SLOW", "AR", "message not completed in time", "207^Application internal error"),
+    ]
+    assert msa(replies[5].decode())[1:3] == ["AA", "OK"]
+    # Each NAK has a control id of its own.
+    assert len(set(control_ids)) == len(control_ids)
 
 
 # Charsets
@@ -247,6 +383,30 @@ async def test_msh18_is_followed_when_asked_and_the_ack_encoded_alike(face: str)
     forced = NoCodec(codec="cp1252")
     await exchange(face, forced, frame(utf8.encode("utf-8")), 1, follow_msh18=True)
     assert "M\u00c3\u00bcller" in forced.received[0]
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_bytes_that_break_the_declared_charset_get_ar_not_a_crash(face: str) -> None:
+    def declared(charset: str, name: str) -> str:
+        return message(name, body="PID|1||9||M\u00fcller\r").replace("|P|2.5\r", f"|P|2.5||||||{charset}\r", 1)
+
+    receiver = NoCodec(codec=None)
+    data = b"".join(
+        [
+            frame(declared("UNICODE UTF-8", "U1").encode("latin-1")),  # not UTF-8
+            frame(declared("ASCII", "A1").encode("latin-1")),  # 8-bit in ASCII
+            frame(declared("NO SUCH CHARSET", "X1").encode("utf-8")),  # unknown: UTF-8
+            frame(declared("8859/1", "L1").encode("latin-1")),
+        ]
+    )
+    replies = await exchange(face, receiver, data, 4, follow_msh18=True)
+    assert [msa(r.decode("latin-1"))[1:4] for r in replies[:2]] == [
+        ["AR", "U1", "undecodable message"],
+        ["AR", "A1", "undecodable message"],
+    ]
+    assert [msa(r.decode("latin-1"))[1:3] for r in replies[2:]] == [["AA", "X1"], ["AA", "L1"]]
+    assert receiver.received == [declared("NO SUCH CHARSET", "X1"), declared("8859/1", "L1")]
 
 
 # Shutdown
@@ -310,10 +470,6 @@ async def test_shutdown_is_bounded_by_the_drain_timeout(face: str, caplog: pytes
 # Load
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count file descriptors")
 @pytest.mark.parametrize("face", FACES)
 @asyncio_test
@@ -325,10 +481,8 @@ async def test_load_300_connections_30_messages_each_acked_exactly_once(
         texts = [text for _, text in corpus_messages() if text.startswith("MSH")]
     except pytest.skip.Exception:
         texts = [message(f"OWN{i}") for i in range(30)]
-    fds_before = open_fds()
 
-    async def sender(number: int) -> list[tuple[str, str]]:
-        peer = await Peer.connect(port)
+    async def sender(number: int, peer: Peer) -> list[tuple[str, str]]:
         sent = []
         for index in range(30):
             text = texts[(number + index) % len(texts)]
@@ -340,15 +494,25 @@ async def test_load_300_connections_30_messages_each_acked_exactly_once(
         await peer.close()
         return sent
 
-    started = time.monotonic()
-    async with listening(face, Recording()) as port:
-        results = await asyncio.gather(*(sender(n) for n in range(300)))
-    assert time.monotonic() - started < 120
+    async with Unhandled(), listening(face, Recording()) as port:
+        # Counted with the listener open: Twisted keeps one descriptor in
+        # reserve from its first listenTCP on.
+        fds_before = open_fds()
+        started = time.monotonic()
+        peers = await asyncio.gather(*(Peer.connect(port) for _ in range(300)))
+        # All 300 are served at once before the first message goes.
+        while ENGINES[port].connections < 300:
+            assert time.monotonic() - started < 30, ENGINES[port].connections
+            await asyncio.sleep(0.01)
+        results = await asyncio.gather(*(sender(n, peer) for n, peer in enumerate(peers)))
+        elapsed = time.monotonic() - started
+        await all_closed(port)
+        fds_after = open_fds()
+    assert elapsed < 120
     pairs = [pair for result in results for pair in result]
     assert len(pairs) == 9000
     assert all(sent == acked for sent, acked in pairs)
-    await asyncio.sleep(0.2)
-    assert open_fds() <= fds_before
+    assert fds_after <= fds_before
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
+import hl7
 import pytest
 from twisted.internet import defer, reactor, threads
 
+from hl7bridge.framing import FRAMING_MODES, LENIENT
 from hl7bridge.receiver import AbstractHL7Receiver, AbstractReceiver, HL7MessageContainer, MessageContainer
 from hl7bridge.testing import asyncio_test
 from tests.cases import CASES, Case
@@ -126,6 +129,24 @@ async def test_no_timeout_keeps_connection_open(face: str) -> None:
         await peer.close()
 
 
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_listener_idle_timeout_applies_when_get_timeout_gives_none(face: str) -> None:
+    async with listening(face, Recording(timeout=None), idle_timeout=0.3) as port:
+        peer = await Peer.connect(port)
+        started = time.monotonic()
+        assert await peer.closed_by_peer()
+        assert 0.2 < time.monotonic() - started < 5
+        await peer.close()
+    # The receiver's getTimeout() wins over the listener's default.
+    async with listening(face, Recording(timeout=30), idle_timeout=0.3) as port:
+        peer = await Peer.connect(port)
+        await asyncio.sleep(0.8)
+        await peer.send(frame(message("STILL").encode()))
+        assert ids([await peer.reply()]) == ["STILL"]
+        await peer.close()
+
+
 class Selective(AbstractHL7Receiver):
     """Answers None (no ACK) for messages whose control id starts with N."""
 
@@ -227,7 +248,7 @@ async def test_acks_leave_in_arrival_order_when_handlers_finish_out_of_order(fac
 
 
 class Counting(AbstractReceiver):
-    """Counts parseMessage calls and never parses HL7 itself."""
+    """Counts parseMessage calls; reads each message's PID twice before acknowledging it."""
 
     def __init__(self) -> None:
         self.parsed = 0
@@ -237,44 +258,63 @@ class Counting(AbstractReceiver):
         return HL7MessageContainer(raw_message)
 
     def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        assert isinstance(container, HL7MessageContainer)
+        assert str(container.message.segment("PID")(3)) == str(container.message.segment("PID")(3))
         return container.ack()
 
 
 @pytest.mark.parametrize("face", FACES)
 @asyncio_test
-async def test_parse_message_is_called_once_per_message(face: str) -> None:
+async def test_parse_message_is_called_once_per_message(face: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """parseMessage once per message, and python-hl7's parser at most once, with metrics and logs on."""
+    parses: list[str] = []
+    real_parse = hl7.parse
+    monkeypatch.setattr(
+        hl7, "parse", lambda text, *args, **kwargs: parses.append(text) or real_parse(text, *args, **kwargs)
+    )
     receiver = Counting()
-    await exchange(face, receiver, b"".join(frame(message(f"P{i}").encode()) for i in range(5)), 5)
+    texts = [message(f"P{i}") for i in range(5)]
+    await exchange(face, receiver, b"".join(frame(text.encode()) for text in texts), 5, metrics=True)
     assert receiver.parsed == 5
+    assert parses == texts
 
 
 @pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("mode", FRAMING_MODES)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 @asyncio_test
-async def test_framing_case_on_the_wire_at_every_split_point(face: str, case: Case) -> None:
-    """Each case, cut at every point (one connection per cut, all at once), then byte by byte."""
+async def test_framing_case_on_the_wire_at_every_split_point(face: str, mode: str, case: Case) -> None:
+    """Each case, cut at every point (one connection per cut, all at once), then byte by byte.
+
+    Strict mode answers the messages before a rejection and then closes the
+    connection, so the rest of the stream may meet a reset: the replies are
+    read while sending, and a failed send is no failure of the test.
+    """
     receiver = Recording()
-    expected = [control_id(m.decode()) for m in case.messages]
+    messages = case.messages if mode == LENIENT else case.strict_messages
+    expected = [control_id(m.decode()) for m in messages]
 
     async def one(cut: int | None) -> list[str]:
         peer = await Peer.connect(port)
-        if cut is None:
-            await peer.send(case.stream, chunk=1)
-        else:
-            await peer.send(case.stream[:cut])
-            await asyncio.sleep(0.005)
-            await peer.send(case.stream[cut:])
-        peer.writer.write_eof()
-        replies = await peer.replies(len(expected))
+        replies = asyncio.ensure_future(peer.replies(len(expected)))
+        with contextlib.suppress(OSError):
+            if cut is None:
+                await peer.send(case.stream, chunk=1)
+            else:
+                await peer.send(case.stream[:cut])
+                await asyncio.sleep(0.005)
+                await peer.send(case.stream[cut:])
+            peer.writer.write_eof()
+        answered = ids(await replies)
         assert await peer.closed_by_peer()
         await peer.close()
-        return ids(replies)
+        return answered
 
-    async with listening(face, receiver) as port:
+    async with listening(face, receiver, framing=mode) as port:
         cuts: list[int | None] = [*range(len(case.stream) + 1), None]
         results = await asyncio.gather(*(one(cut) for cut in cuts))
     assert results == [expected] * len(cuts)
-    assert sorted(receiver.received) == sorted([m.decode() for m in case.messages] * len(cuts))
+    assert sorted(receiver.received) == sorted([m.decode() for m in messages] * len(cuts))
 
 
 @pytest.mark.parametrize("face", FACES)
@@ -309,7 +349,11 @@ async def test_deviations_are_logged_once_per_connection_without_content(
     data = b"".join(VT + message(f"D{i}").encode() + FS for i in range(3))  # FS without CR, three times
     await exchange(face, Recording(), data, 3)
     logged = [r.getMessage() for r in caplog.records if r.name.startswith("hl7bridge")]
-    assert sum("end block not followed by CR" in line for line in logged) == 1
+    # Once, with its kind and the stream offset of the byte where CR was due.
+    first = len(VT + message("D0").encode() + FS)
+    deviations = [line for line in logged if "end block not followed by CR" in line]
+    assert len(deviations) == 1
+    assert deviations[0].endswith(f": framing deviation tolerated: end block not followed by CR at byte {first}")
     assert not [line for line in logged if "DOE" in line or "SENDAPP" in line]
 
 

@@ -6,8 +6,10 @@ import asyncio
 from typing import Any
 
 import pytest
+import txHL7.receiver
 from twisted.internet import reactor
 from txHL7.mllp import MLLPFactory as TxHL7Factory
+from zope.interface import implementer
 
 from hl7bridge.defer import to_future
 from hl7bridge.testing import asyncio_test
@@ -53,3 +55,53 @@ async def test_legacy_cp1252_receiver_acks_match_txhl7(face: str) -> None:
     assert [without_time_and_id(r.decode("cp1252")) for r in ours] == [
         without_time_and_id(r.decode("cp1252")) for r in reference
     ]
+
+
+@implementer(txHL7.receiver.IHL7Receiver)
+class DeclaredOnly:
+    """Declares txHL7's interface without its base classes; txHL7's container, latin-1, a plain answer."""
+
+    def parseMessage(self, raw_message: str) -> Any:  # noqa: N802
+        return txHL7.receiver.HL7MessageContainer(raw_message)
+
+    def handleMessage(self, message_container: Any) -> Any:  # noqa: N802
+        if str(message_container.message.segment("MSH")(10)) == "FAIL":
+            raise RuntimeError("receiver bug")
+        return message_container.ack()
+
+    def getCodec(self) -> Any:  # noqa: N802
+        return "latin-1", "strict"
+
+    def getTimeout(self) -> Any:  # noqa: N802
+        return None
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_receiver_declaring_txhl7_interface_only_is_served_as_txhl7_serves_it(face: str) -> None:
+    async def answers_to(port: int) -> list[bytes]:
+        peer = await Peer.connect(port)
+        replies = []
+        for text in MESSAGES:
+            await peer.send(frame(text.encode("latin-1")))
+            replies.append(await peer.reply())
+        await peer.close()
+        return replies
+
+    txhl7_port = reactor.listenTCP(0, TxHL7Factory(DeclaredOnly()), backlog=BACKLOG, interface=HOST)
+    try:
+        reference = await answers_to(txhl7_port.getHost().port)
+    finally:
+        await to_future(txhl7_port.stopListening(), asyncio.get_running_loop())
+    async with listening(face, DeclaredOnly()) as port:
+        ours = await answers_to(port)
+        # A failure goes to the txHL7 container's own err(): a plain AR.
+        peer = await Peer.connect(port)
+        await peer.send(frame(message("FAIL").encode()))
+        failed = (await peer.reply()).decode("latin-1")
+        await peer.close()
+    assert "Klinik G\u00f6rlitz".encode("latin-1") in ours[0]
+    assert [without_time_and_id(r.decode("latin-1")) for r in ours] == [
+        without_time_and_id(r.decode("latin-1")) for r in reference
+    ]
+    assert msa(failed)[1:3] == ["AR", "FAIL"] and "ERR" not in failed
