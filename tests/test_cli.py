@@ -7,19 +7,21 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.cases import CR, FS, VT
 from tests.support import message
+from tests.test_docs import Lines
 
 ROOT = Path(__file__).resolve().parents[1]
 MLLP_SEND = Path(sys.executable).with_name("mllp_send")
 
 
 class Server:
+    """``hl7bridge serve`` in a subprocess; its log is read in a thread, so every wait has a deadline."""
+
     def __init__(self, *args: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hl7bridge", "serve", "--endpoint", "tcp:0:interface=127.0.0.1", *args],
@@ -27,29 +29,28 @@ class Server:
             stderr=subprocess.PIPE,
             text=True,
         )
-        self.log: list[str] = []
+        self.output = Lines(self.process.stderr)
         self.port = int(self.wait_for(r"serving \S+ on 127\.0\.0\.1:(\d+)").group(1))
 
+    @property
+    def log(self) -> list[str]:
+        return self.output.seen
+
     def wait_for(self, pattern: str, timeout: float = 20) -> re.Match[str]:
-        assert self.process.stderr is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            found = re.search(pattern, line)
-            if found:
-                return found
-        raise AssertionError(f"{pattern!r} not logged; log so far:\n{''.join(self.log)}")
+        try:
+            return self.output.wait_for(pattern, timeout)
+        except AssertionError:
+            self.process.kill()
+            raise
 
     def stop(self, sig: int) -> int:
         self.process.send_signal(sig)
         try:
-            _, rest = self.process.communicate(timeout=20)
+            self.process.wait(timeout=20)
         finally:
             self.process.kill()
-        self.log.append(rest)
+            self.process.wait(timeout=20)
+            self.output.rest()
         return self.process.returncode
 
 
