@@ -84,12 +84,13 @@ def _where(port: Any) -> str:
 
 
 def serve(options: ServeOptions) -> int:
-    """Listen on ``--endpoint`` until SIGINT or SIGTERM; return the exit status."""
+    """Listen on each ``--endpoint`` until SIGINT or SIGTERM; return the exit status."""
     from hl7bridge.reactor import install
 
     reactor = install(uvloop=options["uvloop"])
 
     from twisted.internet import endpoints
+    from twisted.internet.defer import fail
     from twisted.logger import ILogObserver, STDLibLogObserver, globalLogBeginner
 
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, STDLibLogObserver())], redirectStandardIO=False)
@@ -99,16 +100,19 @@ def serve(options: ServeOptions) -> int:
         log.error("cannot use receiver %s: %s: %s", options["receiver"], type(exc).__name__, exc)
         return 2
     status = 0
+    ports: list[Any] = []
+
+    def stop() -> Any:
+        log.info("stopping: no new connections, answering what is in flight")
+        for port in ports:
+            port.stopListening()
+        return factory.drain()
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
 
     def listening(port: Any) -> None:
+        ports.append(port)
         log.info("serving %s on %s", options["receiver"], _where(port))
-
-        def stop() -> Any:
-            log.info("stopping: no new connections, answering what is in flight")
-            port.stopListening()
-            return factory.drain()
-
-        reactor.addSystemEventTrigger("before", "shutdown", stop)
 
     def failed(failure: Any, endpoint: str) -> None:
         nonlocal status
@@ -116,11 +120,16 @@ def serve(options: ServeOptions) -> int:
         log.error("cannot listen on %s: %s", endpoint, failure.getErrorMessage())
         reactor.callWhenRunning(reactor.stop)
 
-    listen = endpoints.serverFromString(reactor, options["endpoint"]).listen(factory)
-    listen.addCallbacks(listening, failed, errbackArgs=(options["endpoint"],))
+    def listen(endpoint: str, site: Any) -> Any:
+        try:
+            return endpoints.serverFromString(reactor, endpoint).listen(site)
+        except Exception as exc:  # a malformed endpoint string, or a file it names that cannot be read
+            return fail(exc)
+
+    for endpoint in options["endpoints"]:
+        listen(endpoint, factory).addCallbacks(listening, failed, errbackArgs=(endpoint,))
     if options["metrics-endpoint"]:
-        metrics = endpoints.serverFromString(reactor, options["metrics-endpoint"]).listen(tap.metrics_site(factory))
-        metrics.addCallbacks(
+        listen(options["metrics-endpoint"], tap.metrics_site(factory)).addCallbacks(
             lambda port: log.info("metrics on %s", _where(port)), failed, errbackArgs=(options["metrics-endpoint"],)
         )
     reactor.run()

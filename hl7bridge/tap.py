@@ -1,7 +1,8 @@
 """``twistd hl7bridge``: the options and service behind the twistd plugin.
 
 Takes txHL7's ``twistd mllp`` options (``--endpoint``, ``--receiver``) and the
-limits of ``hl7bridge serve``. twistd must run the asyncio reactor:
+limits of ``hl7bridge serve``. ``--endpoint`` may be given several times: one
+receiver, one engine, several listeners. twistd must run the asyncio reactor:
 ``twistd -n --reactor asyncio hl7bridge ...``.
 """
 
@@ -48,7 +49,6 @@ class Options(usage.Options):
 
     _defaults = Settings()
     optParameters = [
-        ["endpoint", "e", DEFAULT_ENDPOINT, "Twisted server endpoint string"],
         ["receiver", "r", DEFAULT_RECEIVER, "dotted path of an IHL7Receiver class or instance"],
         ["framing", None, _defaults.framing, "lenient or strict"],
         ["max-message-size", None, _defaults.max_message_size, "largest message in bytes", int],
@@ -66,11 +66,22 @@ class Options(usage.Options):
         ["metrics", None, "count and time messages per type and ACK code"],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["endpoints"] = []
+
+    def opt_endpoint(self, description: str) -> None:
+        """Twisted server endpoint string to listen on; repeat it to listen on several [default: tcp:2575]"""
+        self["endpoints"].append(description)
+
+    opt_e = opt_endpoint
+
     def settings(self) -> dict[str, Any]:
         """The listener settings given, as keyword arguments."""
         return {field.name: self[field.name.replace("_", "-")] for field in fields(Settings)}
 
     def postOptions(self) -> None:  # noqa: N802
+        self["endpoints"] = self["endpoints"] or [DEFAULT_ENDPOINT]
         self["follow-msh18"] = bool(self["follow-msh18"])
         self["metrics"] = bool(self["metrics"] or self["metrics-endpoint"])
         try:
@@ -157,7 +168,8 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
     log_to_twisted()
     factory = build_factory(options)
     top = DrainingService(factory)
-    strports.service(options["endpoint"], cast(IProtocolFactory, factory)).setServiceParent(top)
+    for endpoint in options["endpoints"]:
+        strports.service(endpoint, cast(IProtocolFactory, factory)).setServiceParent(top)
     if options["metrics-endpoint"]:
         site = cast(IProtocolFactory, metrics_site(factory))
         strports.service(options["metrics-endpoint"], site).setServiceParent(top)

@@ -187,3 +187,42 @@ def test_logs_of_a_corpus_run_hold_no_patient_data(tmp_path: Path) -> None:
     assert "received" in log
     # Whole tokens: a patient id may happen to end a (logged) MSH-10 control id.
     assert [s for s in secrets if re.search(rf"(?<![0-9A-Za-z]){re.escape(s)}(?![0-9A-Za-z])", log)] == []
+
+
+def test_serve_listens_on_several_endpoints_with_mutual_tls(tmp_path: Path) -> None:
+    from tests.interop.test_endpoints import mtls_endpoint, mutual_tls_files
+
+    files = mutual_tls_files(tmp_path)
+    socket_path = tmp_path / "mllp.sock"
+    server = Server("--endpoint", f"unix:{socket_path}", "-e", mtls_endpoint(files))
+    try:
+        tls_port = server.wait_for(r"serving \S+ on 127\.0\.0\.1:(\d+)").group(1)
+        # The other two listeners: the tcp one (server.port) and the unix socket.
+        assert socket_path.exists()
+        result = hl7bridge_send("-p", str(server.port), "127.0.0.1", stdin=message("MULTI1").encode())
+        assert result.returncode == 0 and b"MSA|AA|MULTI1" in result.stdout, result.stderr
+        # Mutual TLS: the sender's certificate is accepted; without one, nothing gets through.
+        tls = ["-p", tls_port, "--cafile", str(files["listener_cert"])]
+        client = ["--cert", str(files["sender_cert"]), "--key", str(files["sender_key"])]
+        result = hl7bridge_send(*tls, *client, "127.0.0.1", stdin=message("MTLS1").encode())
+        assert result.returncode == 0 and b"MSA|AA|MTLS1" in result.stdout, result.stderr
+        result = hl7bridge_send(*tls, "--timeout", "5", "127.0.0.1", stdin=message("MTLS2").encode())
+        assert result.returncode == 2, result.stderr
+        assert b"MSA" not in result.stdout
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    log = "".join(server.log)
+    assert "MULTI1 AA" in log and "MTLS1 AA" in log and "MTLS2" not in log
+
+
+def test_serve_reports_an_endpoint_it_cannot_parse() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hl7bridge", "serve", "-e", "tcp:0", "-e", "mtls:0:privateKey=/no/such/key.pem"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "cannot listen on mtls:0:privateKey=/no/such/key.pem" in result.stderr
+    assert "Traceback" not in result.stderr

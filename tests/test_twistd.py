@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.interop.test_endpoints import mtls_endpoint, mutual_tls_files
 from tests.test_cli import ROOT, mllp_send
 from tests.test_docs import Lines
 
@@ -93,6 +94,7 @@ class Twistd:
             text=True,
         )
         self.output = Lines(self.process.stdout)
+        self.closed = False
 
     def finish(self, sig: int | None = None, timeout: float = 30) -> str:
         """Send ``sig`` (if any), wait at most ``timeout`` seconds for the end, return all output."""
@@ -101,13 +103,17 @@ class Twistd:
         try:
             self.process.wait(timeout=timeout)
         finally:
-            self.kill()
-        return self.output.rest()
+            self.close()
+        return "".join(self.output.seen)
 
-    def kill(self) -> None:
+    def close(self) -> None:
+        """Kill the process if it still runs, and read what it printed to the end."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=30)
+        if not self.closed:
+            self.closed = True
+            self.output.rest()
 
 
 @pytest.fixture
@@ -121,23 +127,44 @@ def twistd(installed: Path, tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
 
     yield start
     for process in started:
-        process.kill()
+        process.close()
 
 
 def test_twistd_serves_from_the_wheel_and_drains_on_sigterm(
     installed: Path, tmp_path: Path, twistd: Callable[..., Twistd]
 ) -> None:
-    process = twistd("--reactor", "asyncio", "hl7bridge", "--endpoint", "tcp:0:interface=127.0.0.1")
-    port = int(process.output.wait_for(r"MLLPFactory starting on (\d+)").group(1))
+    files = mutual_tls_files(tmp_path)
+    process = twistd(
+        "--reactor", "asyncio", "hl7bridge", "--endpoint", "tcp:0:interface=127.0.0.1", "-e", mtls_endpoint(files)
+    )
+    ports = [int(process.output.wait_for(r"MLLPFactory (?:\(TLS\) )?starting on (\d+)").group(1)) for _ in range(2)]
     # twistd found the plugin in the wheel's folder (and cached it there).
     assert (installed / "twisted" / "plugins" / "dropin.cache").is_file()
     message_file = tmp_path / "m.hl7"
     message_file.write_bytes(b"\x0bMSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|TWISTD01|P|2.5\rPID|1||1||X^Y\r\x1c\r")
-    assert "MSA|AA|TWISTD01" in mllp_send(port, message_file).replace("\r", "\n")
+    assert "MSA|AA|TWISTD01" in mllp_send(ports[0], message_file).replace("\r", "\n")
+    # The second listener, mutual TLS through the wheel's mtls: endpoint, answered the installed sender.
+    tls = [
+        "--cafile",
+        str(files["listener_cert"]),
+        "--cert",
+        str(files["sender_cert"]),
+        "--key",
+        str(files["sender_key"]),
+    ]
+    sent = subprocess.run(
+        [sys.executable, "-m", "hl7bridge", "send", "-p", str(ports[1]), *tls, "127.0.0.1", str(message_file)],
+        cwd=tmp_path,
+        env=environment(installed),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0 and "MSA|AA|TWISTD01" in sent.stdout, sent.stderr
     # hl7bridge's log lines reach twistd's log: LoggingReceiver's and the one line per message.
     process.output.wait_for(r"\[hl7bridge\.messages#info\] 127\.0\.0\.1:\d+ ADT\^A01 TWISTD01 AA \d+\.\dms")
     log = process.finish(signal.SIGTERM)
-    assert "received ADT^A01 control id TWISTD01" in log
+    assert log.count("received ADT^A01 control id TWISTD01") == 2
     # twistd ends by re-raising the signal that stopped it, after a clean shutdown.
     assert process.process.returncode in (0, -signal.SIGTERM), log
     assert "Server Shut Down." in log
