@@ -5,8 +5,8 @@
 no ACK; it takes python-hl7's ``mllp_send`` options too.
 
 ``hl7bridge serve --endpoint tcp:2575 --receiver package.module.Class`` takes the
-options of ``twistd hl7bridge`` (see :mod:`hl7bridge.tap`) plus ``--uvloop`` and
-``--log-level``, installs Twisted's asyncio reactor, listens, and on SIGINT or
+options of ``twistd hl7bridge`` (see :mod:`hl7bridge.tap`) plus ``--uvloop``,
+``--log-level`` and ``--log-format``, installs Twisted's asyncio reactor, listens, and on SIGINT or
 SIGTERM stops listening, answers the messages in flight and exits.
 """
 
@@ -29,15 +29,24 @@ log = logging.getLogger("hl7bridge.cli")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+LOG_FORMATS = ("text", "json")
+
+
 class ServeOptions(tap.Options):
     optFlags = [*tap.Options.optFlags, ["uvloop", None, "run on uvloop (needs hl7bridge[uvloop])"]]
-    optParameters = [*tap.Options.optParameters, ["log-level", None, "INFO", f"one of {', '.join(LOG_LEVELS)}"]]
+    optParameters = [
+        *tap.Options.optParameters,
+        ["log-level", None, "INFO", f"one of {', '.join(LOG_LEVELS)}"],
+        ["log-format", None, "text", "text, or json for one JSON object per line"],
+    ]
 
     def postOptions(self) -> None:  # noqa: N802
         super().postOptions()
         self["log-level"] = self["log-level"].upper()
         if self["log-level"] not in LOG_LEVELS:
             raise usage.UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
 
 
 class SendOptions(usage.Options):
@@ -236,8 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except usage.UsageError as exc:
         print(f"{getattr(options, 'subOptions', None) or options}\nhl7bridge: {exc}", file=sys.stderr)
         return 2
+    handler = logging.StreamHandler()
+    if options.subCommand == "serve" and options.subOptions["log-format"] == "json":
+        handler.setFormatter(tap.JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     level = options.subOptions["log-level"] if options.subCommand == "serve" else "WARNING"
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, handlers=[handler])
     if options.subCommand == "send":
         return send(options.subOptions)
     return serve(options.subOptions)

@@ -8,14 +8,17 @@ receiver, one engine, several listeners. twistd must run the asyncio reactor:
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from dataclasses import fields
+from datetime import datetime, timezone
 from typing import Any, cast
 
 from twisted.application import service, strports
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.logger import Logger, LogLevel
+from twisted.logger import FileLogObserver, ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -64,6 +67,7 @@ class Options(usage.Options):
     optFlags = [
         ["follow-msh18", None, "decode in the charset MSH-18 declares when the receiver names none"],
         ["metrics", None, "count and time messages per type and ACK code"],
+        ["log-content", None, "also log each message and its ACK in full (patient data: off by default)"],
     ]
 
     def __init__(self) -> None:
@@ -83,11 +87,67 @@ class Options(usage.Options):
     def postOptions(self) -> None:  # noqa: N802
         self["endpoints"] = self["endpoints"] or [DEFAULT_ENDPOINT]
         self["follow-msh18"] = bool(self["follow-msh18"])
+        self["log-content"] = bool(self["log-content"])
         self["metrics"] = bool(self["metrics"] or self["metrics-endpoint"])
         try:
             Settings(**self.settings())
         except ValueError as exc:
             raise usage.UsageError(str(exc)) from exc
+
+
+#: Attributes every ``logging.LogRecord`` has; any other attribute was given as ``extra``.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured values a record carries (``extra=``), such as those of ``hl7bridge.messages``."""
+    return {key: value for key, value in vars(record).items() if key not in _RECORD_ATTRIBUTES}
+
+
+def json_line(when: float, level: str, logger: str, text: str, fields: dict[str, Any], error: str | None) -> str:
+    """One log entry as a line of JSON: time (UTC, ISO 8601), level, logger, message, then the fields."""
+    stamp = datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds")
+    entry = {"time": stamp, "level": level, "logger": logger, "message": text, **fields}
+    if error:
+        entry["error"] = error
+    return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class JSONFormatter(logging.Formatter):
+    """Python logging records as lines of JSON (``hl7bridge serve --log-format json``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        error = self.formatException(record.exc_info) if record.exc_info else None
+        return json_line(
+            record.created, record.levelname, record.name, record.getMessage(), record_fields(record), error
+        )
+
+
+def json_log_observer() -> ILogObserver:
+    """Twisted's log as lines of JSON on standard output: ``twistd --logger hl7bridge.tap.json_log_observer``."""
+    levels = {
+        LogLevel.debug: "DEBUG",
+        LogLevel.info: "INFO",
+        LogLevel.warn: "WARNING",
+        LogLevel.error: "ERROR",
+        LogLevel.critical: "CRITICAL",
+    }
+
+    def line(event: dict[str, Any]) -> str:
+        failure = event.get("log_failure")
+        return (
+            json_line(
+                event["log_time"],
+                levels.get(event.get("log_level"), "INFO"),
+                event.get("log_namespace", "-"),
+                formatEvent(event),
+                event.get("hl7bridge_fields", {}),
+                failure.getTraceback() if failure is not None else None,
+            )
+            + "\n"
+        )
+
+    return cast(ILogObserver, FileLogObserver(sys.stdout, line))
 
 
 class TwistedLogHandler(logging.Handler):
@@ -103,7 +163,9 @@ class TwistedLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         level = self.LEVELS.get(record.levelno, LogLevel.info)
-        Logger(namespace=record.name).emit(level, "{text}", text=self.format(record))
+        Logger(namespace=record.name).emit(
+            level, "{text}", text=self.format(record), hl7bridge_fields=record_fields(record)
+        )
 
 
 def log_to_twisted(level: int = logging.INFO) -> None:
