@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
@@ -23,6 +25,7 @@ from typing import Any, cast
 from twisted.python import usage
 
 from hl7bridge import framing, tap
+from hl7bridge.migration.shadow import ShadowReport
 
 log = logging.getLogger("hl7bridge.cli")
 
@@ -49,6 +52,14 @@ class ServeOptions(tap.Options):
             raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
 
 
+def _print_version(options: usage.Options) -> None:
+    """Print hl7bridge's version and exit"""
+    from hl7bridge import __version__
+
+    print(f"hl7bridge {__version__}")
+    sys.exit(0)
+
+
 class SendOptions(usage.Options):
     """Options of ``hl7bridge send``; python-hl7's ``mllp_send`` options work too."""
 
@@ -70,9 +81,21 @@ class SendOptions(usage.Options):
         ["loose", None, "accepted for mllp_send: segments may end with LF or CRLF (always true here)"],
     ]
 
+    opt_version = _print_version
+
     def parseArgs(self, host: str, *files: str) -> None:  # type: ignore[override]  # noqa: N802
         self["host"] = host
         self["files"] = ([self["file"]] if self["file"] else []) + list(files)
+
+
+class ShadowReportOptions(usage.Options):
+    """Options of ``hl7bridge shadow-report``."""
+
+    synopsis = "[options] METRICS_URL"
+    optParameters = [["timeout", "t", 10.0, "seconds to wait for the answer", float]]
+
+    def parseArgs(self, url: str) -> None:  # type: ignore[override]  # noqa: N802
+        self["url"] = url if "://" in url else f"http://{url}"
 
 
 class CommandOptions(usage.Options):
@@ -80,11 +103,14 @@ class CommandOptions(usage.Options):
     subCommands = [
         ["serve", None, ServeOptions, "listen for MLLP and serve a receiver"],
         ["send", None, SendOptions, "send messages from files or stdin, check their ACKs"],
+        ["shadow-report", None, ShadowReportOptions, "print the shadow report of a running serve, from its /metrics"],
     ]
+
+    opt_version = _print_version
 
     def postOptions(self) -> None:  # noqa: N802
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: serve or send")
+            raise usage.UsageError("a command is needed: serve, send or shadow-report")
 
 
 def _where(port: Any) -> str:
@@ -115,7 +141,7 @@ def serve(options: ServeOptions) -> int:
         log.info("stopping: no new connections, answering what is in flight")
         for port in ports:
             port.stopListening()
-        return factory.drain()
+        return factory.drain().addCallback(lambda _: tap.log_shadow_report(factory))
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
 
@@ -238,6 +264,38 @@ def send(options: SendOptions) -> int:
     return asyncio.run(send_all(options, messages))
 
 
+_SHADOW_SAMPLE = re.compile(r"^hl7bridge_shadow_comparisons_total\{(.*)\} (\S+)$", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def read_shadow_report(metrics_text: str) -> ShadowReport | None:
+    """The shadow report in the text of a ``/metrics`` page; None if it has no shadow series."""
+    if "# TYPE hl7bridge_shadow_comparisons_total counter" not in metrics_text:
+        return None
+    report = ShadowReport()
+    for labels, value in _SHADOW_SAMPLE.findall(metrics_text):
+        found = {key: re.sub(r"\\.", lambda m: _UNESCAPE[m.group()], text) for key, text in _LABEL.findall(labels)}
+        report.record(found["message_type"], found["outcome"], int(float(value)))
+    return report
+
+
+def shadow_report(options: ShadowReportOptions) -> int:
+    """``hl7bridge shadow-report URL``: the table of agreed, differed and failed per message type."""
+    try:
+        with urllib.request.urlopen(options["url"], timeout=options["timeout"]) as response:
+            text = response.read().decode("utf-8")
+    except (OSError, ValueError) as exc:
+        log.error("cannot read %s: %s", options["url"], exc)
+        return 2
+    report = read_shadow_report(text)
+    if report is None:
+        log.error("%s has no shadow report: is the listener serving a Router with --metrics-endpoint?", options["url"])
+        return 1
+    print(report.format())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = CommandOptions()
     try:
@@ -254,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, handlers=[handler])
     if options.subCommand == "send":
         return send(options.subOptions)
+    if options.subCommand == "shadow-report":
+        return shadow_report(options.subOptions)
     return serve(options.subOptions)
 
 

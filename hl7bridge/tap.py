@@ -16,21 +16,26 @@ from datetime import datetime, timezone
 from typing import Any, cast
 
 from twisted.application import service, strports
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import FileLogObserver, ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from hl7bridge.defer import to_deferred
 from hl7bridge.errors import WrongReactor
-from hl7bridge.metrics import Metrics
+from hl7bridge.metrics import Metrics, prometheus_text
+from hl7bridge.migration.router import Router
+from hl7bridge.migration.shadow import ShadowReport
 from hl7bridge.mllp import MLLPFactory
 from hl7bridge.reactor import event_loop
 from hl7bridge.session import Settings
 
 DEFAULT_RECEIVER = "hl7bridge.receiver.LoggingReceiver"
 DEFAULT_ENDPOINT = "tcp:2575"
+
+migration_log = logging.getLogger("hl7bridge.migration")
 
 
 def load_receiver(path: str) -> Any:
@@ -178,7 +183,7 @@ def log_to_twisted(level: int = logging.INFO) -> None:
 
 
 class DrainingService(service.MultiService):
-    """Stops listening first, then drains the connections of its factory."""
+    """Stops listening first, then drains the connections of its factory and logs its shadow report."""
 
     def __init__(self, factory: MLLPFactory) -> None:
         super().__init__()
@@ -186,30 +191,52 @@ class DrainingService(service.MultiService):
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         stopped: Deferred[Any] = super().stopService()
-        return stopped.addCallback(lambda _: self.factory.drain())
+        stopped.addCallback(lambda _: self.factory.drain())
+        return stopped.addCallback(lambda _: log_shadow_report(self.factory))
+
+
+def log_shadow_report(factory: MLLPFactory) -> Deferred[None]:
+    """If ``factory`` serves a :class:`~hl7bridge.migration.Router`, log its shadow report.
+
+    Waits for the comparisons still running (each is bounded by the router's
+    ``shadow_timeout``), then logs one line per message type, with counts only.
+    """
+    router = factory.engine.receiver
+    if not isinstance(router, Router):
+        return succeed(None)
+
+    def report(_: object) -> None:
+        for kind, counts in router.report.as_dict().items():
+            text = ", ".join(f"{outcome} {n}" for outcome, n in counts.items())
+            migration_log.info("shadow report %s: %s", kind, text, extra={"message_type": kind, **counts})
+
+    return to_deferred(router.wait_for_shadows(), event_loop()).addCallback(report)
 
 
 class MetricsResource(Resource):
-    """``GET /metrics``: a listener's metrics in Prometheus's text format."""
+    """``GET /metrics``: metrics in Prometheus's text format, from each source's ``families()``."""
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, *sources: Metrics | ShadowReport) -> None:
         super().__init__()
-        self.metrics = metrics
+        self.sources = sources
 
     def render_GET(self, request: Any) -> bytes:  # noqa: N802
         if request.path != b"/metrics":
             request.setResponseCode(404)
             return b"see /metrics\n"
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        return self.metrics.prometheus_text().encode()
+        return prometheus_text(family for source in self.sources for family in source.families()).encode()
 
 
 def metrics_site(factory: MLLPFactory) -> Site:
-    """A web site serving ``factory``'s metrics (its ``metrics`` setting must be on)."""
+    """A web site serving ``factory``'s metrics (its ``metrics`` setting must be on), and the
+    shadow report when it serves a :class:`~hl7bridge.migration.Router`."""
     assert factory.engine.metrics is not None
-    return Site(MetricsResource(factory.engine.metrics))
+    router = factory.engine.receiver
+    reports = [router.report] if isinstance(router, Router) else []
+    return Site(MetricsResource(factory.engine.metrics, *reports))
 
 
 def build_factory(options: Options) -> MLLPFactory:

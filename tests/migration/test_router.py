@@ -170,3 +170,28 @@ async def test_logs_of_routing_carry_no_content(face: str, caplog: pytest.LogCap
     await router.wait_for_shadows()
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "DOE" not in text and "JANE" not in text and "12345" not in text
+
+
+@asyncio_test
+async def test_twistd_service_logs_the_shadow_report_when_it_stops(caplog: pytest.LogCaptureFixture) -> None:
+    from twisted.internet import reactor
+
+    from hl7bridge.defer import to_future
+    from hl7bridge.mllp import MLLPFactory
+    from hl7bridge.tap import DrainingService
+    from tests.support import HOST, Peer
+
+    factory = MLLPFactory(Router([Route("ADT^A01", Primary(), shadow=hanging)], shadow_timeout=0.3))
+    port = reactor.listenTCP(0, factory, interface=HOST)
+    peer = await Peer.connect(port.getHost().port)
+    await peer.send(typed("E1", "ADT^A01^ADT_A01"))
+    assert msa((await peer.reply()).decode())[1:3] == ["AA", "E1"]
+    await peer.close()
+    loop = asyncio.get_running_loop()
+    await to_future(port.stopListening(), loop)
+    started = time.monotonic()
+    # The service waits for the hanging shadow (up to shadow_timeout), then logs the report.
+    await to_future(DrainingService(factory).stopService(), loop)
+    assert time.monotonic() - started < 5
+    logged = [r.getMessage() for r in caplog.records if r.name == "hl7bridge.migration"]
+    assert "shadow report ADT^A01: agreed 0, differed 0, failed 1" in logged
