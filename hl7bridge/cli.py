@@ -1,8 +1,9 @@
 """The ``hl7bridge`` command: ``serve`` runs a receiver on Twisted endpoints, ``send`` sends.
 
 ``hl7bridge send [-p PORT] HOST [FILE ...]`` sends the messages of the files
-(or stdin), prints their ACKs, and exits 1 if any was negative, 2 if some got
-no ACK; it takes python-hl7's ``mllp_send`` options too.
+(or stdin), prints their ACKs, shows progress and ends with a count per ACK
+code, and exits 1 if any was negative, 2 if some got no ACK; it takes
+python-hl7's ``mllp_send`` options too.
 
 ``hl7bridge serve --endpoint tcp:2575 --receiver package.module.Class`` takes the
 options of ``twistd hl7bridge`` (see :mod:`hl7bridge.tap`) plus ``--uvloop``,
@@ -17,6 +18,7 @@ import logging
 import re
 import ssl
 import sys
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
@@ -78,6 +80,7 @@ class SendOptions(usage.Options):
     optFlags = [
         ["tls", None, "connect with TLS, verifying the listener"],
         ["quiet", "q", "do not print the ACKs"],
+        ["progress", None, "show progress even when standard error is not a terminal (a line a second)"],
         ["loose", None, "accepted for mllp_send: segments may end with LF or CRLF (always true here)"],
     ]
 
@@ -204,6 +207,39 @@ def _tls_context(options: SendOptions) -> ssl.SSLContext | None:
     return context
 
 
+class Progress:
+    """``sent n/N`` on standard error while many messages go out.
+
+    On a terminal (when the ACKs are not printed to it as well) the line is
+    rewritten after each message; otherwise, with ``--progress``, a whole line
+    is written at most once a second, and at the end.
+    """
+
+    def __init__(self, total: int, force: bool = False, acks_on_terminal: bool = False) -> None:
+        self.total = total
+        self.terminal = sys.stderr.isatty() and not acks_on_terminal
+        self.on = total > 1 and (self.terminal or force)
+        self._last = time.monotonic()
+        self._shown = 0
+
+    def update(self, number: int) -> None:
+        if not self.on:
+            return
+        now = time.monotonic()
+        if self.terminal:
+            print(f"\rsent {number}/{self.total}", end="", file=sys.stderr, flush=True)
+        elif number == self.total or now - self._last >= 1:
+            print(f"sent {number}/{self.total}", file=sys.stderr, flush=True)
+            self._last = now
+        self._shown = number
+
+    def finish(self) -> None:
+        """End the line being rewritten, at the end or before an error is logged."""
+        if self.on and self.terminal and self._shown:
+            print(file=sys.stderr, flush=True)
+            self._shown = 0
+
+
 async def send_all(options: SendOptions, messages: list[bytes]) -> int:
     """Send ``messages`` in order; print ACKs, progress and a summary; return the exit status."""
     from hl7bridge.ack import read_ack
@@ -211,7 +247,8 @@ async def send_all(options: SendOptions, messages: list[bytes]) -> int:
     from hl7bridge.errors import AckMismatch, NegativeAck
 
     counts: Counter[str] = Counter()
-    show_progress = len(messages) > 1 and sys.stderr.isatty()
+    quiet = bool(options["quiet"])
+    progress = Progress(len(messages), bool(options["progress"]), acks_on_terminal=not quiet and sys.stdout.isatty())
     sender = Sender(
         options["host"],
         options["port"],
@@ -231,19 +268,19 @@ async def send_all(options: SendOptions, messages: list[bytes]) -> int:
             except AckMismatch as exc:
                 answer = exc.ack
                 counts["wrong MSA-2"] += 1
+                progress.finish()
                 log.error("message %d: %s", number, exc)
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
                 counts["no ACK"] += len(messages) - number + 1
+                progress.finish()
                 log.error("message %d: %s: %s; %d not sent", number, type(exc).__name__, exc, len(messages) - number)
                 break
             else:
                 counts[read_ack(answer)[0]] += 1
-            if isinstance(answer, str) and not options["quiet"]:
+            if isinstance(answer, str) and not quiet:
                 print(answer.replace("\r", "\n"), flush=True)
-            if show_progress:
-                print(f"\rsent {number}/{len(messages)}", end="", file=sys.stderr, flush=True)
-    if show_progress:
-        print(file=sys.stderr)
+            progress.update(number)
+    progress.finish()
     if len(messages) > 1 or set(counts) - {"AA", "CA"}:
         summary = ", ".join(f"{code} {count}" for code, count in sorted(counts.items()))
         print(f"{len(messages)} messages: {summary}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -124,10 +125,14 @@ def test_endpoint_in_use_is_reported_and_exits_non_zero(message_file: Path) -> N
         server.stop(signal.SIGTERM)
 
 
-def hl7bridge_send(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def _hl7bridge(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "hl7bridge", "send", *args], cwd=ROOT, input=stdin, capture_output=True, timeout=120
+        [sys.executable, "-m", "hl7bridge", *args], cwd=ROOT, input=stdin, capture_output=True, timeout=120
     )
+
+
+def hl7bridge_send(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return _hl7bridge("send", *args, stdin=stdin)
 
 
 def test_send_many_messages_with_any_line_ends_to_serve(tmp_path: Path) -> None:
@@ -140,6 +145,7 @@ def test_send_many_messages_with_any_line_ends_to_serve(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert result.stdout.decode().count("MSA|AA|SEND") == 3
         assert "3 messages: AA 3" in result.stderr.decode()
+        assert "sent " not in result.stderr.decode()  # no progress unless asked, off a terminal
         # mllp_send's options and stdin.
         framed = VT + texts[0].encode() + FS + CR
         result = hl7bridge_send("-p", str(server.port), "-q", "--loose", "127.0.0.1", stdin=framed)
@@ -226,3 +232,48 @@ def test_serve_reports_an_endpoint_it_cannot_parse() -> None:
     assert result.returncode == 1
     assert "cannot listen on mtls:0:privateKey=/no/such/key.pem" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_send_shows_progress_on_a_terminal_or_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "many.hl7"
+    path.write_bytes("".join(message(f"PROG{n}") for n in range(3)).encode())
+    server = Server()
+    try:
+        result = hl7bridge_send("-p", str(server.port), "-q", "--progress", "127.0.0.1", str(path))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.decode().splitlines()[-2:] == ["sent 3/3", "3 messages: AA 3"]
+        # On a terminal, the line is rewritten after each message.
+        primary, secondary = pty.openpty()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hl7bridge", "send", "-p", str(server.port), "-q", "127.0.0.1", str(path)],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=secondary,
+            )
+            assert process.wait(timeout=60) == 0
+        finally:
+            os.close(secondary)
+        shown = b""
+        while True:
+            try:
+                data = os.read(primary, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and everything has been read
+                break
+            if not data:
+                break
+            shown += data
+        os.close(primary)
+    finally:
+        server.stop(signal.SIGTERM)
+    text = shown.decode()
+    assert "\rsent 1/3\rsent 2/3\rsent 3/3" in text
+    assert text.replace("\r\n", "\n").endswith("\n3 messages: AA 3\n")
+
+
+def test_version() -> None:
+    from hl7bridge import __version__
+
+    for command in ([], ["send"]):
+        result = _hl7bridge(*command, "--version")
+        assert result.stdout.decode().strip() == f"hl7bridge {__version__}"
