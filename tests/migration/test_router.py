@@ -195,3 +195,21 @@ async def test_twistd_service_logs_the_shadow_report_when_it_stops(caplog: pytes
     assert time.monotonic() - started < 5
     logged = [r.getMessage() for r in caplog.records if r.name == "hl7bridge.migration"]
     assert "shadow report ADT^A01: agreed 0, differed 0, failed 1" in logged
+
+
+def test_route_matches_type_trigger_wildcards_and_sender_fields() -> None:
+    from hl7bridge.ack import read_header
+
+    def header(msh9: str, app: str = "LAB^1.2.3^ISO", facility: str = "NORTH^9^ISO") -> Any:
+        return read_header(f"MSH|^~\\&|{app}|{facility}|R|F|20240101||{msh9}|C1|P|2.5\r")
+
+    assert Route("ADT^A01", None).matches(header("ADT^A01^ADT_A01"))
+    assert not Route("ADT^A01", None).matches(header("ADT^A011"))
+    assert Route("ADT^A0?", None).matches(header("ADT^A04"))
+    assert Route("ADT", None).matches(header("ADT")) and not Route("ADT", None).matches(header("ADT^A01"))
+    assert Route("*", None).matches(header("ORU^R01"))
+    # MSH-3 and MSH-4 by their first component, with wildcards.
+    by_sender = Route("ORU^*", None, sending_application="LAB", sending_facility="NORTH*")
+    assert by_sender.matches(header("ORU^R01"))
+    assert not by_sender.matches(header("ORU^R01", facility="SOUTH"))
+    assert not by_sender.matches(header("ORU^R01", app="RAD"))
