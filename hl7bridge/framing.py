@@ -225,7 +225,7 @@ class Deframer:
         data = bytes(self._buffer[:end]).lstrip(_WHITESPACE)
         if data:
             events.append(Deviation(MISSING_START, self._offset))
-            events.append(Frame(data))
+            events.append(self._block(data))
         self._consume(end + 1)
         self._after_block = True
         return True
@@ -251,11 +251,15 @@ class Deframer:
             self._dropping = 0
             self._head = b""
         elif end:
-            events.append(Frame(bytes(buffer[:end])))
+            events.append(self._block(bytes(buffer[:end])))
         self._consume(end + 1)
         self._in_block = False
         self._after_block = True
         return True
+
+    def _block(self, data: bytes) -> Frame | Oversized:
+        """A block that ended in the bytes held: a frame, or too large if it grew past the limit there."""
+        return Oversized(data[:HEAD_SIZE], len(data)) if len(data) > self._max else Frame(data)
 
     def _check_size(self, events: list[Event], size: int) -> bool:
         """Drop the buffered part of a block that has grown past the limit."""

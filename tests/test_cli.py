@@ -277,3 +277,32 @@ def test_version() -> None:
     for command in ([], ["send"]):
         result = _hl7bridge(*command, "--version")
         assert result.stdout.decode().strip() == f"hl7bridge {__version__}"
+
+
+def test_serve_takes_limits_and_uvloop_from_its_options(tmp_path: Path) -> None:
+    pytest.importorskip("uvloop")
+    server = Server("--uvloop", "--max-message-size", "300", "--max-connections-per-peer", "none")
+    try:
+        small = hl7bridge_send("-p", str(server.port), "127.0.0.1", stdin=message("LIM1").encode())
+        assert small.returncode == 0, small.stderr
+        large = message("LIM2", body="PID|1||1||" + "X" * 400 + "\r")
+        result = hl7bridge_send("-p", str(server.port), "127.0.0.1", stdin=large.encode())
+        assert result.returncode == 1
+        assert "MSA|AR|LIM2|message too large" in result.stdout.decode()
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "complaint"),
+    [
+        ("--max-in-flight", "0", "max_in_flight must be at least 1"),
+        ("--frame-timeout", "-1", "frame_timeout must be more than 0"),
+        ("--framing", "sloppy", "framing must be one of"),
+        ("--log-format", "xml", "--log-format must be one of"),
+    ],
+)
+def test_serve_refuses_a_bad_option_value(option: str, value: str, complaint: str) -> None:
+    result = _hl7bridge("serve", option, value)
+    assert result.returncode == 2
+    assert complaint in result.stderr.decode()
