@@ -14,7 +14,7 @@ import pytest
 
 import hl7bridge
 from hl7bridge.client import DeferredSender, Sender
-from hl7bridge.errors import AckMismatch, AckTimeout, NegativeAck
+from hl7bridge.errors import AckMismatch, AckTimeout, ConnectTimeout, NegativeAck
 from hl7bridge.receiver import LoggingReceiver
 from hl7bridge.testing import asyncio_test
 from tests.handlers import admissions
@@ -282,3 +282,21 @@ async def test_verification_is_on_by_default(tmp_path: Path) -> None:
                 await sender.send(message("TLS3"))
     finally:
         await hl7bridge.shutdown(server)
+
+
+@asyncio_test
+async def test_connect_timeout_is_typed_and_retried(tmp_path: Path) -> None:
+    """A listener that takes the TCP connection but never answers the TLS handshake."""
+
+    async def never(block: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise AssertionError("no frame can arrive before the handshake")
+
+    server, connections = await fake_peer(never)
+    _, with_cert, _ = mutual_tls(tmp_path)
+    started = time.monotonic()
+    async with Sender(HOST, port_of(server), ssl=with_cert, connect_timeout=0.3, retries=1, backoff=0.01) as sender:
+        with pytest.raises(ConnectTimeout, match=r"within 0\.3s"):
+            await sender.send(message("CONN1"))
+    assert 0.6 <= time.monotonic() - started < 10
+    assert len(connections) == 2
+    server.close()
