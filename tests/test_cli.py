@@ -215,10 +215,13 @@ def test_serve_listens_on_several_endpoints_with_mutual_tls(tmp_path: Path) -> N
         result = hl7bridge_send(*tls, "--timeout", "5", "127.0.0.1", stdin=message("MTLS2").encode())
         assert result.returncode == 2, result.stderr
         assert b"MSA" not in result.stdout
+        # Verification is on by default: a listener the sender has no CA for is refused.
+        result = hl7bridge_send("-p", tls_port, "--tls", *client, "127.0.0.1", stdin=message("MTLS3").encode())
+        assert result.returncode == 2 and b"CERTIFICATE_VERIFY_FAILED" in result.stderr, result.stderr
     finally:
         assert server.stop(signal.SIGTERM) == 0
     log = "".join(server.log)
-    assert "MULTI1 AA" in log and "MTLS1 AA" in log and "MTLS2" not in log
+    assert "MULTI1 AA" in log and "MTLS1 AA" in log and "MTLS2" not in log and "MTLS3" not in log
 
 
 def test_serve_reports_an_endpoint_it_cannot_parse() -> None:
