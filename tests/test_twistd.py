@@ -9,6 +9,7 @@ killed, instead of holding up the suite.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -169,6 +170,28 @@ def test_twistd_serves_from_the_wheel_and_drains_on_sigterm(
     assert process.process.returncode in (0, -signal.SIGTERM), log
     assert "Server Shut Down." in log
     assert "Traceback" not in log
+
+
+def test_twistd_logs_json_lines_with_the_json_observer(tmp_path: Path, twistd: Callable[..., Twistd]) -> None:
+    process = twistd(
+        "--logger",
+        "hl7bridge.tap.json_log_observer",
+        "--reactor",
+        "asyncio",
+        "hl7bridge",
+        "-e",
+        "tcp:0:interface=127.0.0.1",
+    )
+    port = int(process.output.wait_for(r"MLLPFactory starting on (\d+)").group(1))
+    message_file = tmp_path / "m.hl7"
+    message_file.write_bytes(b"\x0bMSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|TWISTD02|P|2.5\rPID|1||1||X^Y\r\x1c\r")
+    assert "MSA|AA|TWISTD02" in mllp_send(port, message_file).replace("\r", "\n")
+    process.output.wait_for(r'"logger": "hl7bridge.messages"')
+    log = process.finish(signal.SIGTERM)
+    entries = [json.loads(line) for line in log.splitlines() if line.strip()]  # every line is JSON
+    [entry] = [e for e in entries if e["logger"] == "hl7bridge.messages"]
+    assert entry["control_id"] == "TWISTD02" and entry["ack_code"] == "AA" and entry["message_type"] == "ADT^A01"
+    assert "X^Y" not in log
 
 
 def test_twistd_without_the_asyncio_reactor_says_what_to_add(twistd: Callable[..., Twistd]) -> None:
