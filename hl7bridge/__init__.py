@@ -8,6 +8,7 @@ from hl7bridge.client import DeferredSender, Sender
 from hl7bridge.errors import (
     AckMismatch,
     AckTimeout,
+    ConnectTimeout,
     HL7BridgeError,
     LocalError,
     MissingExtra,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AckMismatch",
     "AckTimeout",
+    "ConnectTimeout",
     "DeferredSender",
     "HL7BridgeError",
     "HandlerReceiver",

@@ -1,12 +1,13 @@
 """The ``hl7bridge`` command: ``serve`` runs a receiver on Twisted endpoints, ``send`` sends.
 
 ``hl7bridge send [-p PORT] HOST [FILE ...]`` sends the messages of the files
-(or stdin), prints their ACKs, and exits 1 if any was negative, 2 if some got
-no ACK; it takes python-hl7's ``mllp_send`` options too.
+(or stdin), prints their ACKs, shows progress and ends with a count per ACK
+code, and exits 1 if any was negative, 2 if some got no ACK; it takes
+python-hl7's ``mllp_send`` options too.
 
 ``hl7bridge serve --endpoint tcp:2575 --receiver package.module.Class`` takes the
-options of ``twistd hl7bridge`` (see :mod:`hl7bridge.tap`) plus ``--uvloop`` and
-``--log-level``, installs Twisted's asyncio reactor, listens, and on SIGINT or
+options of ``twistd hl7bridge`` (see :mod:`hl7bridge.tap`) plus ``--uvloop``,
+``--log-level`` and ``--log-format``, installs Twisted's asyncio reactor, listens, and on SIGINT or
 SIGTERM stops listening, answers the messages in flight and exits.
 """
 
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import sys
+import time
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, cast
@@ -23,21 +27,39 @@ from typing import Any, cast
 from twisted.python import usage
 
 from hl7bridge import framing, tap
+from hl7bridge.migration.shadow import ShadowReport
 
 log = logging.getLogger("hl7bridge.cli")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+LOG_FORMATS = ("text", "json")
+
+
 class ServeOptions(tap.Options):
     optFlags = [*tap.Options.optFlags, ["uvloop", None, "run on uvloop (needs hl7bridge[uvloop])"]]
-    optParameters = [*tap.Options.optParameters, ["log-level", None, "INFO", f"one of {', '.join(LOG_LEVELS)}"]]
+    optParameters = [
+        *tap.Options.optParameters,
+        ["log-level", None, "INFO", f"one of {', '.join(LOG_LEVELS)}"],
+        ["log-format", None, "text", "text, or json for one JSON object per line"],
+    ]
 
     def postOptions(self) -> None:  # noqa: N802
         super().postOptions()
         self["log-level"] = self["log-level"].upper()
         if self["log-level"] not in LOG_LEVELS:
             raise usage.UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+
+
+def _print_version(options: usage.Options) -> None:
+    """Print hl7bridge's version and exit"""
+    from hl7bridge import __version__
+
+    print(f"hl7bridge {__version__}")
+    sys.exit(0)
 
 
 class SendOptions(usage.Options):
@@ -58,12 +80,25 @@ class SendOptions(usage.Options):
     optFlags = [
         ["tls", None, "connect with TLS, verifying the listener"],
         ["quiet", "q", "do not print the ACKs"],
+        ["progress", None, "show progress even when standard error is not a terminal (a line a second)"],
         ["loose", None, "accepted for mllp_send: segments may end with LF or CRLF (always true here)"],
     ]
+
+    opt_version = _print_version
 
     def parseArgs(self, host: str, *files: str) -> None:  # type: ignore[override]  # noqa: N802
         self["host"] = host
         self["files"] = ([self["file"]] if self["file"] else []) + list(files)
+
+
+class ShadowReportOptions(usage.Options):
+    """Options of ``hl7bridge shadow-report``."""
+
+    synopsis = "[options] METRICS_URL"
+    optParameters = [["timeout", "t", 10.0, "seconds to wait for the answer", float]]
+
+    def parseArgs(self, url: str) -> None:  # type: ignore[override]  # noqa: N802
+        self["url"] = url if "://" in url else f"http://{url}"
 
 
 class CommandOptions(usage.Options):
@@ -71,11 +106,14 @@ class CommandOptions(usage.Options):
     subCommands = [
         ["serve", None, ServeOptions, "listen for MLLP and serve a receiver"],
         ["send", None, SendOptions, "send messages from files or stdin, check their ACKs"],
+        ["shadow-report", None, ShadowReportOptions, "print the shadow report of a running serve, from its /metrics"],
     ]
+
+    opt_version = _print_version
 
     def postOptions(self) -> None:  # noqa: N802
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: serve or send")
+            raise usage.UsageError("a command is needed: serve, send or shadow-report")
 
 
 def _where(port: Any) -> str:
@@ -84,12 +122,13 @@ def _where(port: Any) -> str:
 
 
 def serve(options: ServeOptions) -> int:
-    """Listen on ``--endpoint`` until SIGINT or SIGTERM; return the exit status."""
+    """Listen on each ``--endpoint`` until SIGINT or SIGTERM; return the exit status."""
     from hl7bridge.reactor import install
 
     reactor = install(uvloop=options["uvloop"])
 
     from twisted.internet import endpoints
+    from twisted.internet.defer import fail
     from twisted.logger import ILogObserver, STDLibLogObserver, globalLogBeginner
 
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, STDLibLogObserver())], redirectStandardIO=False)
@@ -99,16 +138,19 @@ def serve(options: ServeOptions) -> int:
         log.error("cannot use receiver %s: %s: %s", options["receiver"], type(exc).__name__, exc)
         return 2
     status = 0
+    ports: list[Any] = []
+
+    def stop() -> Any:
+        log.info("stopping: no new connections, answering what is in flight")
+        for port in ports:
+            port.stopListening()
+        return factory.drain().addCallback(lambda _: tap.log_shadow_report(factory))
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
 
     def listening(port: Any) -> None:
+        ports.append(port)
         log.info("serving %s on %s", options["receiver"], _where(port))
-
-        def stop() -> Any:
-            log.info("stopping: no new connections, answering what is in flight")
-            port.stopListening()
-            return factory.drain()
-
-        reactor.addSystemEventTrigger("before", "shutdown", stop)
 
     def failed(failure: Any, endpoint: str) -> None:
         nonlocal status
@@ -116,11 +158,16 @@ def serve(options: ServeOptions) -> int:
         log.error("cannot listen on %s: %s", endpoint, failure.getErrorMessage())
         reactor.callWhenRunning(reactor.stop)
 
-    listen = endpoints.serverFromString(reactor, options["endpoint"]).listen(factory)
-    listen.addCallbacks(listening, failed, errbackArgs=(options["endpoint"],))
+    def listen(endpoint: str, site: Any) -> Any:
+        try:
+            return endpoints.serverFromString(reactor, endpoint).listen(site)
+        except Exception as exc:  # a malformed endpoint string, or a file it names that cannot be read
+            return fail(exc)
+
+    for endpoint in options["endpoints"]:
+        listen(endpoint, factory).addCallbacks(listening, failed, errbackArgs=(endpoint,))
     if options["metrics-endpoint"]:
-        metrics = endpoints.serverFromString(reactor, options["metrics-endpoint"]).listen(tap.metrics_site(factory))
-        metrics.addCallbacks(
+        listen(options["metrics-endpoint"], tap.metrics_site(factory)).addCallbacks(
             lambda port: log.info("metrics on %s", _where(port)), failed, errbackArgs=(options["metrics-endpoint"],)
         )
     reactor.run()
@@ -160,6 +207,39 @@ def _tls_context(options: SendOptions) -> ssl.SSLContext | None:
     return context
 
 
+class Progress:
+    """``sent n/N`` on standard error while many messages go out.
+
+    On a terminal (when the ACKs are not printed to it as well) the line is
+    rewritten after each message; otherwise, with ``--progress``, a whole line
+    is written at most once a second, and at the end.
+    """
+
+    def __init__(self, total: int, force: bool = False, acks_on_terminal: bool = False) -> None:
+        self.total = total
+        self.terminal = sys.stderr.isatty() and not acks_on_terminal
+        self.on = total > 1 and (self.terminal or force)
+        self._last = time.monotonic()
+        self._shown = 0
+
+    def update(self, number: int) -> None:
+        if not self.on:
+            return
+        now = time.monotonic()
+        if self.terminal:
+            print(f"\rsent {number}/{self.total}", end="", file=sys.stderr, flush=True)
+        elif number == self.total or now - self._last >= 1:
+            print(f"sent {number}/{self.total}", file=sys.stderr, flush=True)
+            self._last = now
+        self._shown = number
+
+    def finish(self) -> None:
+        """End the line being rewritten, at the end or before an error is logged."""
+        if self.on and self.terminal and self._shown:
+            print(file=sys.stderr, flush=True)
+            self._shown = 0
+
+
 async def send_all(options: SendOptions, messages: list[bytes]) -> int:
     """Send ``messages`` in order; print ACKs, progress and a summary; return the exit status."""
     from hl7bridge.ack import read_ack
@@ -167,7 +247,8 @@ async def send_all(options: SendOptions, messages: list[bytes]) -> int:
     from hl7bridge.errors import AckMismatch, NegativeAck
 
     counts: Counter[str] = Counter()
-    show_progress = len(messages) > 1 and sys.stderr.isatty()
+    quiet = bool(options["quiet"])
+    progress = Progress(len(messages), bool(options["progress"]), acks_on_terminal=not quiet and sys.stdout.isatty())
     sender = Sender(
         options["host"],
         options["port"],
@@ -187,19 +268,19 @@ async def send_all(options: SendOptions, messages: list[bytes]) -> int:
             except AckMismatch as exc:
                 answer = exc.ack
                 counts["wrong MSA-2"] += 1
+                progress.finish()
                 log.error("message %d: %s", number, exc)
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
                 counts["no ACK"] += len(messages) - number + 1
+                progress.finish()
                 log.error("message %d: %s: %s; %d not sent", number, type(exc).__name__, exc, len(messages) - number)
                 break
             else:
                 counts[read_ack(answer)[0]] += 1
-            if isinstance(answer, str) and not options["quiet"]:
+            if isinstance(answer, str) and not quiet:
                 print(answer.replace("\r", "\n"), flush=True)
-            if show_progress:
-                print(f"\rsent {number}/{len(messages)}", end="", file=sys.stderr, flush=True)
-    if show_progress:
-        print(file=sys.stderr)
+            progress.update(number)
+    progress.finish()
     if len(messages) > 1 or set(counts) - {"AA", "CA"}:
         summary = ", ".join(f"{code} {count}" for code, count in sorted(counts.items()))
         print(f"{len(messages)} messages: {summary}", file=sys.stderr)
@@ -220,6 +301,38 @@ def send(options: SendOptions) -> int:
     return asyncio.run(send_all(options, messages))
 
 
+_SHADOW_SAMPLE = re.compile(r"^hl7bridge_shadow_comparisons_total\{(.*)\} (\S+)$", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def read_shadow_report(metrics_text: str) -> ShadowReport | None:
+    """The shadow report in the text of a ``/metrics`` page; None if it has no shadow series."""
+    if "# TYPE hl7bridge_shadow_comparisons_total counter" not in metrics_text:
+        return None
+    report = ShadowReport()
+    for labels, value in _SHADOW_SAMPLE.findall(metrics_text):
+        found = {key: re.sub(r"\\.", lambda m: _UNESCAPE[m.group()], text) for key, text in _LABEL.findall(labels)}
+        report.record(found["message_type"], found["outcome"], int(float(value)))
+    return report
+
+
+def shadow_report(options: ShadowReportOptions) -> int:
+    """``hl7bridge shadow-report URL``: the table of agreed, differed and failed per message type."""
+    try:
+        with urllib.request.urlopen(options["url"], timeout=options["timeout"]) as response:
+            text = response.read().decode("utf-8")
+    except (OSError, ValueError) as exc:
+        log.error("cannot read %s: %s", options["url"], exc)
+        return 2
+    report = read_shadow_report(text)
+    if report is None:
+        log.error("%s has no shadow report: is the listener serving a Router with --metrics-endpoint?", options["url"])
+        return 1
+    print(report.format())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = CommandOptions()
     try:
@@ -227,10 +340,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except usage.UsageError as exc:
         print(f"{getattr(options, 'subOptions', None) or options}\nhl7bridge: {exc}", file=sys.stderr)
         return 2
+    handler = logging.StreamHandler()
+    if options.subCommand == "serve" and options.subOptions["log-format"] == "json":
+        handler.setFormatter(tap.JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     level = options.subOptions["log-level"] if options.subCommand == "serve" else "WARNING"
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, handlers=[handler])
     if options.subCommand == "send":
         return send(options.subOptions)
+    if options.subCommand == "shadow-report":
+        return shadow_report(options.subOptions)
     return serve(options.subOptions)
 
 

@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred
 
 from hl7bridge import ack, framing
 from hl7bridge.defer import to_deferred
-from hl7bridge.errors import AckMismatch, AckTimeout, NegativeAck
+from hl7bridge.errors import AckMismatch, AckTimeout, ConnectTimeout, NegativeAck
 from hl7bridge.reactor import event_loop
 
 log = logging.getLogger("hl7bridge.client")
@@ -44,8 +44,8 @@ class Sender:
         encoding: codec of the messages and ACKs.
         connect_timeout: seconds to connect.
         ack_timeout: seconds to wait for each ACK.
-        retries: times to reconnect and send again after a connection failure
-            or ACK timeout (never after a negative ACK).
+        retries: times to reconnect and send again after a connection failure,
+            connect timeout or ACK timeout (never after a negative ACK).
         backoff: seconds before the first retry, doubled each time, up to ``max_backoff``.
     """
 
@@ -85,6 +85,7 @@ class Sender:
             NegativeAck: the ACK's MSA-1 is AE, AR, CE or CR.
             AckMismatch: the ACK's MSA-2 is not the message's MSH-10.
             AckTimeout: no whole ACK within ``ack_timeout`` (after the retries).
+            ConnectTimeout: no connection within ``connect_timeout`` (after the retries).
             OSError: the connection failed (after the retries).
         """
         data = message if isinstance(message, bytes) else str(message).encode(self.encoding)
@@ -96,7 +97,7 @@ class Sender:
                 try:
                     answer = await self._exchange(data)
                     break
-                except (OSError, asyncio.IncompleteReadError, AckTimeout) as exc:
+                except (OSError, asyncio.IncompleteReadError, ConnectTimeout, AckTimeout) as exc:
                     await self._disconnect()
                     if attempt >= self.retries:
                         raise
@@ -126,9 +127,14 @@ class Sender:
     async def _connect(self) -> tuple[HL7StreamReader, HL7StreamWriter]:
         if self._reader is None or self._writer is None or self._writer.is_closing() or self._reader.at_eof():
             await self._disconnect()
-            self._reader, self._writer = await asyncio.wait_for(
-                open_hl7_connection(self.host, self.port, ssl=self.ssl), self.connect_timeout
-            )
+            try:
+                self._reader, self._writer = await asyncio.wait_for(
+                    open_hl7_connection(self.host, self.port, ssl=self.ssl), self.connect_timeout
+                )
+            except asyncio.TimeoutError:
+                raise ConnectTimeout(
+                    f"no connection to {self.host}:{self.port} within {self.connect_timeout}s"
+                ) from None
             self._deframer = framing.Deframer()
             self._frames = []
         return self._reader, self._writer

@@ -19,6 +19,10 @@ class RemoteError(HL7BridgeError):
     """The peer answered in a way hl7bridge cannot accept (raised to senders)."""
 
 
+class ConnectTimeout(RemoteError, TimeoutError):
+    """The listener did not take the connection (TCP, and TLS if used) in time."""
+
+
 class AckTimeout(RemoteError, TimeoutError):
     """No whole ACK arrived in time."""
 

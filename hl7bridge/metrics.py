@@ -1,18 +1,37 @@
 """Counters and latency histograms per message type and ACK code. No I/O.
 
 A listener keeps one :class:`Metrics` when its ``metrics`` setting is on.
-Read it as Python (:meth:`Metrics.snapshot`) or as Prometheus's text
-exposition format (:meth:`Metrics.prometheus_text`), which ``hl7bridge serve
---metrics-endpoint`` serves at ``/metrics``; no Prometheus library is needed.
+Read it as Python (:meth:`Metrics.snapshot`), as Prometheus's text exposition
+format (:meth:`Metrics.prometheus_text`, which ``hl7bridge serve
+--metrics-endpoint`` serves at ``/metrics`` with no Prometheus library), or
+through ``prometheus_client`` (:mod:`hl7bridge.prometheus`, the ``prometheus``
+extra). All of them come from :meth:`Metrics.families`, the one description of
+the series; a shadow run's :class:`~hl7bridge.migration.shadow.ShadowReport`
+describes its counts the same way.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 #: Upper bounds of the latency buckets, in seconds.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family as Prometheus sees it: name, ``counter`` or ``histogram``, help, samples.
+
+    Each sample is ``(suffix, labels, value)``: ``"_total"`` for a counter,
+    ``"_bucket"`` (with an ``le`` label), ``"_count"`` and ``"_sum"`` for a histogram.
+    """
+
+    name: str
+    kind: str
+    help: str
+    samples: list[tuple[str, dict[str, str], float]]
 
 
 @dataclass
@@ -29,59 +48,85 @@ class _Histogram:
                 self.counts[index] += 1
                 break
 
+    def cumulative(self) -> dict[float, int]:
+        running, buckets = 0, {}
+        for bound, n in zip(BUCKETS, self.counts, strict=True):
+            running += n
+            buckets[bound] = running
+        return buckets
+
 
 class Metrics:
-    """What a listener answered: messages per (type, ACK code), handling time per type."""
+    """What a listener answered: messages and their handling time per (message type, ACK code)."""
 
     def __init__(self) -> None:
         self.messages: Counter[tuple[str, str]] = Counter()
-        self._latency: dict[str, _Histogram] = {}
+        self._latency: dict[tuple[str, str], _Histogram] = {}
 
     def record(self, message_type: str, ack_code: str, seconds: float) -> None:
         """One message of ``message_type`` answered ``ack_code`` ("none" for no ACK) after ``seconds``."""
         self.messages[message_type, ack_code] += 1
-        histogram = self._latency.get(message_type)
+        histogram = self._latency.get((message_type, ack_code))
         if histogram is None:
-            histogram = self._latency[message_type] = _Histogram()
+            histogram = self._latency[message_type, ack_code] = _Histogram()
         histogram.observe(seconds)
 
-    def snapshot(self) -> dict[str, dict[str, object]]:
-        """``{type: {"acks": {code: n}, "count": n, "seconds_total": s, "buckets": {bound: cumulative n}}}``."""
-        result: dict[str, dict[str, object]] = {}
-        for kind, histogram in sorted(self._latency.items()):
-            acks = {code: n for (t, code), n in sorted(self.messages.items()) if t == kind}
-            cumulative, buckets = 0, {}
-            for bound, n in zip(BUCKETS, histogram.counts, strict=True):
-                cumulative += n
-                buckets[bound] = cumulative
-            result[kind] = {
-                "acks": acks,
+    def snapshot(self) -> dict[str, dict[str, dict[str, object]]]:
+        """``{type: {ack_code: {"count": n, "seconds_total": s, "buckets": {bound: cumulative n}}}}``."""
+        result: dict[str, dict[str, dict[str, object]]] = {}
+        for (kind, code), histogram in sorted(self._latency.items()):
+            result.setdefault(kind, {})[code] = {
                 "count": histogram.count,
                 "seconds_total": histogram.total,
-                "buckets": buckets,
+                "buckets": histogram.cumulative(),
             }
         return result
 
+    def families(self) -> list[Family]:
+        """The series: ``hl7bridge_messages_total`` and ``hl7bridge_handling_seconds``."""
+        counter = [
+            ("_total", {"message_type": kind, "ack_code": code}, float(n))
+            for (kind, code), n in sorted(self.messages.items())
+        ]
+        histogram: list[tuple[str, dict[str, str], float]] = []
+        for (kind, code), data in sorted(self._latency.items()):
+            labels = {"message_type": kind, "ack_code": code}
+            histogram += [("_bucket", {**labels, "le": str(bound)}, n) for bound, n in data.cumulative().items()]
+            histogram += [
+                ("_bucket", {**labels, "le": "+Inf"}, data.count),
+                ("_sum", labels, data.total),
+                ("_count", labels, data.count),
+            ]
+        return [
+            Family("hl7bridge_messages", "counter", "Messages answered, by message type and ACK code.", counter),
+            Family(
+                "hl7bridge_handling_seconds",
+                "histogram",
+                "Time from a message's last byte to its answer, by message type and ACK code.",
+                histogram,
+            ),
+        ]
+
     def prometheus_text(self) -> str:
         """The metrics in Prometheus's text exposition format (version 0.0.4)."""
-        lines = [
-            "# HELP hl7bridge_messages_total Messages answered, by message type and ACK code.",
-            "# TYPE hl7bridge_messages_total counter",
-        ]
-        for (kind, code), n in sorted(self.messages.items()):
-            lines.append(f'hl7bridge_messages_total{{message_type="{_label(kind)}",ack_code="{_label(code)}"}} {n}')
-        lines += [
-            "# HELP hl7bridge_handling_seconds Time from a message's last byte to its answer.",
-            "# TYPE hl7bridge_handling_seconds histogram",
-        ]
-        for kind, data in self.snapshot().items():
-            label = f'message_type="{_label(kind)}"'
-            for bound, n in data["buckets"].items():  # type: ignore[attr-defined]
-                lines.append(f'hl7bridge_handling_seconds_bucket{{{label},le="{bound}"}} {n}')
-            lines.append(f'hl7bridge_handling_seconds_bucket{{{label},le="+Inf"}} {data["count"]}')
-            lines.append(f"hl7bridge_handling_seconds_sum{{{label}}} {data['seconds_total']}")
-            lines.append(f"hl7bridge_handling_seconds_count{{{label}}} {data['count']}")
-        return "\n".join(lines) + "\n"
+        return prometheus_text(self.families())
+
+
+def prometheus_text(families: Iterable[Family]) -> str:
+    """Metric families in Prometheus's text exposition format (version 0.0.4)."""
+    lines = []
+    for family in families:
+        # In this format a counter's family is named with its _total suffix.
+        name = family.name + "_total" if family.kind == "counter" else family.name
+        lines += [f"# HELP {name} {family.help}", f"# TYPE {name} {family.kind}"]
+        for suffix, labels, value in family.samples:
+            text = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
+            lines.append(f"{family.name}{suffix}{{{text}}} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _label(value: str) -> str:

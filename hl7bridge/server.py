@@ -50,6 +50,15 @@ def stream_callback(target: Any, **options: Any) -> Callable[[HL7StreamReader, H
     return Engine(target, Settings(**options)).connected
 
 
+def engine_of(server: asyncio.Server) -> Engine:
+    """The engine of a listener :func:`serve` started: its ``metrics``, ``connections``, ``receiver``.
+
+    Raises:
+        KeyError: ``server`` was not started by :func:`serve`.
+    """
+    return _engines[server]
+
+
 async def shutdown(server: asyncio.Server, drain_timeout: float | None = None) -> None:
     """Stop a listener from :func:`serve` gracefully.
 

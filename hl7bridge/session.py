@@ -40,7 +40,13 @@ log = logging.getLogger("hl7bridge.session")
 
 #: One line per message at INFO (peer, type, control id, ACK code, time taken);
 #: never the content. Silence it alone with ``logging.getLogger("hl7bridge.messages")``.
+#: Each record also carries those values as attributes (``peer``, ``message_type``,
+#: ``control_id``, ``ack_code``, ``ms``) for structured logs.
 message_log = logging.getLogger("hl7bridge.messages")
+
+#: With the ``log_content`` setting only: one line per message at INFO with the
+#: message and its ACK, which are patient data (attributes ``hl7_message``, ``hl7_ack``).
+content_log = logging.getLogger("hl7bridge.content")
 
 #: Bytes asked of the stream reader at a time.
 READ_SIZE = 64 * 1024
@@ -80,6 +86,8 @@ class Settings:
             and be answered before their connections are closed regardless.
         metrics: count messages per type and ACK code and time them
             (:class:`hl7bridge.metrics.Metrics`, as ``Engine.metrics``).
+        log_content: also log each message and its ACK, in full, on the
+            ``hl7bridge.content`` logger. Off by default: they are patient data.
     """
 
     framing: str = LENIENT
@@ -93,6 +101,7 @@ class Settings:
     follow_msh18: bool = False
     drain_timeout: float = 10.0
     metrics: bool = False
+    log_content: bool = False
 
     def __post_init__(self) -> None:
         if self.framing not in framing.FRAMING_MODES:
@@ -233,7 +242,9 @@ class Session:
         self._timer: asyncio.TimerHandle | None = None
         self._direct = False
         self._buffer_data: Any = None
-        self._observing = engine.metrics is not None or message_log.isEnabledFor(logging.INFO)
+        self._observing = (
+            engine.metrics is not None or self.settings.log_content or message_log.isEnabledFor(logging.INFO)
+        )
 
     async def run(self) -> None:
         """Serve the connection until the peer closes it, it is stopped, or framing fails."""
@@ -385,7 +396,21 @@ class Session:
         code = (ack.read_ack(answer.decode("latin-1"))[0] or "?") if answer is not None else "none"
         if self.engine.metrics is not None:
             self.engine.metrics.record(kind, code, seconds)
-        message_log.info("%s %s %s %s %.1fms", self.peer, kind, control_id, code, seconds * 1000)
+        fields = {"peer": self.peer, "message_type": kind, "control_id": control_id, "ack_code": code}
+        if message_log.isEnabledFor(logging.INFO):
+            ms = round(seconds * 1000, 1)
+            message_log.info("%s %s %s %s %.1fms", self.peer, kind, control_id, code, ms, extra={**fields, "ms": ms})
+        if self.settings.log_content:
+            message = block.decode("utf-8", "backslashreplace")
+            reply = None if answer is None else answer.decode("utf-8", "backslashreplace")
+            content_log.info(
+                "%s %s message %r ACK %r",
+                self.peer,
+                control_id,
+                message,
+                reply,
+                extra={**fields, "hl7_message": message, "hl7_ack": reply},
+            )
 
     async def _settle(self, awaitable: Any, container: Any, codec: Codec) -> bytes | None:
         try:

@@ -3,7 +3,7 @@
 Installed with hl7bridge (entry point ``pytest11``); it needs pytest-twisted
 and the asyncio reactor (``pytest --reactor=asyncio``). Write tests as
 ``async def`` under :func:`asyncio_test`, and start listeners from the
-``hl7bridge_listener`` fixture::
+``hl7bridge_listener`` fixture, which gives a sender for each listener::
 
     from hl7bridge.testing import asyncio_test
 
@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from hl7bridge.client import Sender
 from hl7bridge.defer import to_deferred, to_future
 from hl7bridge.reactor import event_loop
 
@@ -55,6 +56,17 @@ class Listener:
         self.host = HOST
         self.port = port
         self._stop = stop
+        self._senders: list[Sender] = []
+
+    def sender(self, **options: Any) -> Sender:
+        """A :class:`hl7bridge.Sender` for this listener (closed when the listener stops).
+
+        Unlike :meth:`send`, it keeps its connection, checks each ACK and raises
+        ``NegativeAck``, ``AckMismatch`` or ``AckTimeout``; ``options`` are those of ``Sender``.
+        """
+        sender = Sender(self.host, self.port, **options)
+        self._senders.append(sender)
+        return sender
 
     async def send(self, message: str | bytes, *, encoding: str = "utf-8", timeout: float = 10) -> str:
         """Send one message on a new connection; return the ACK's text."""
@@ -70,7 +82,9 @@ class Listener:
             await writer.wait_closed()
 
     async def stop(self) -> None:
-        """Stop gracefully: no new connections, messages in flight answered."""
+        """Stop gracefully: senders closed, no new connections, messages in flight answered."""
+        for sender in self._senders:
+            await sender.close()
         await self._stop()
 
 

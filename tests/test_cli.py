@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import os
+import pty
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.cases import CR, FS, VT
 from tests.support import message
+from tests.test_docs import Lines
 
 ROOT = Path(__file__).resolve().parents[1]
 MLLP_SEND = Path(sys.executable).with_name("mllp_send")
 
 
 class Server:
+    """``hl7bridge serve`` in a subprocess; its log is read in a thread, so every wait has a deadline."""
+
     def __init__(self, *args: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hl7bridge", "serve", "--endpoint", "tcp:0:interface=127.0.0.1", *args],
@@ -27,29 +30,28 @@ class Server:
             stderr=subprocess.PIPE,
             text=True,
         )
-        self.log: list[str] = []
+        self.output = Lines(self.process.stderr)
         self.port = int(self.wait_for(r"serving \S+ on 127\.0\.0\.1:(\d+)").group(1))
 
+    @property
+    def log(self) -> list[str]:
+        return self.output.seen
+
     def wait_for(self, pattern: str, timeout: float = 20) -> re.Match[str]:
-        assert self.process.stderr is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            found = re.search(pattern, line)
-            if found:
-                return found
-        raise AssertionError(f"{pattern!r} not logged; log so far:\n{''.join(self.log)}")
+        try:
+            return self.output.wait_for(pattern, timeout)
+        except AssertionError:
+            self.process.kill()
+            raise
 
     def stop(self, sig: int) -> int:
         self.process.send_signal(sig)
         try:
-            _, rest = self.process.communicate(timeout=20)
+            self.process.wait(timeout=20)
         finally:
             self.process.kill()
-        self.log.append(rest)
+            self.process.wait(timeout=20)
+            self.output.rest()
         return self.process.returncode
 
 
@@ -123,10 +125,14 @@ def test_endpoint_in_use_is_reported_and_exits_non_zero(message_file: Path) -> N
         server.stop(signal.SIGTERM)
 
 
-def hl7bridge_send(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def _hl7bridge(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "hl7bridge", "send", *args], cwd=ROOT, input=stdin, capture_output=True, timeout=120
+        [sys.executable, "-m", "hl7bridge", *args], cwd=ROOT, input=stdin, capture_output=True, timeout=120
     )
+
+
+def hl7bridge_send(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return _hl7bridge("send", *args, stdin=stdin)
 
 
 def test_send_many_messages_with_any_line_ends_to_serve(tmp_path: Path) -> None:
@@ -139,6 +145,7 @@ def test_send_many_messages_with_any_line_ends_to_serve(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert result.stdout.decode().count("MSA|AA|SEND") == 3
         assert "3 messages: AA 3" in result.stderr.decode()
+        assert "sent " not in result.stderr.decode()  # no progress unless asked, off a terminal
         # mllp_send's options and stdin.
         framed = VT + texts[0].encode() + FS + CR
         result = hl7bridge_send("-p", str(server.port), "-q", "--loose", "127.0.0.1", stdin=framed)
@@ -186,3 +193,119 @@ def test_logs_of_a_corpus_run_hold_no_patient_data(tmp_path: Path) -> None:
     assert "received" in log
     # Whole tokens: a patient id may happen to end a (logged) MSH-10 control id.
     assert [s for s in secrets if re.search(rf"(?<![0-9A-Za-z]){re.escape(s)}(?![0-9A-Za-z])", log)] == []
+
+
+def test_serve_listens_on_several_endpoints_with_mutual_tls(tmp_path: Path) -> None:
+    from tests.interop.test_endpoints import mtls_endpoint, mutual_tls_files
+
+    files = mutual_tls_files(tmp_path)
+    socket_path = tmp_path / "mllp.sock"
+    server = Server("--endpoint", f"unix:{socket_path}", "-e", mtls_endpoint(files))
+    try:
+        tls_port = server.wait_for(r"serving \S+ on 127\.0\.0\.1:(\d+)").group(1)
+        # The other two listeners: the tcp one (server.port) and the unix socket.
+        assert socket_path.exists()
+        result = hl7bridge_send("-p", str(server.port), "127.0.0.1", stdin=message("MULTI1").encode())
+        assert result.returncode == 0 and b"MSA|AA|MULTI1" in result.stdout, result.stderr
+        # Mutual TLS: the sender's certificate is accepted; without one, nothing gets through.
+        tls = ["-p", tls_port, "--cafile", str(files["listener_cert"])]
+        client = ["--cert", str(files["sender_cert"]), "--key", str(files["sender_key"])]
+        result = hl7bridge_send(*tls, *client, "127.0.0.1", stdin=message("MTLS1").encode())
+        assert result.returncode == 0 and b"MSA|AA|MTLS1" in result.stdout, result.stderr
+        result = hl7bridge_send(*tls, "--timeout", "5", "127.0.0.1", stdin=message("MTLS2").encode())
+        assert result.returncode == 2, result.stderr
+        assert b"MSA" not in result.stdout
+        # Verification is on by default: a listener the sender has no CA for is refused.
+        result = hl7bridge_send("-p", tls_port, "--tls", *client, "127.0.0.1", stdin=message("MTLS3").encode())
+        assert result.returncode == 2 and b"CERTIFICATE_VERIFY_FAILED" in result.stderr, result.stderr
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    log = "".join(server.log)
+    assert "MULTI1 AA" in log and "MTLS1 AA" in log and "MTLS2" not in log and "MTLS3" not in log
+
+
+def test_serve_reports_an_endpoint_it_cannot_parse() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hl7bridge", "serve", "-e", "tcp:0", "-e", "mtls:0:privateKey=/no/such/key.pem"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "cannot listen on mtls:0:privateKey=/no/such/key.pem" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_send_shows_progress_on_a_terminal_or_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "many.hl7"
+    path.write_bytes("".join(message(f"PROG{n}") for n in range(3)).encode())
+    server = Server()
+    try:
+        result = hl7bridge_send("-p", str(server.port), "-q", "--progress", "127.0.0.1", str(path))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.decode().splitlines()[-2:] == ["sent 3/3", "3 messages: AA 3"]
+        # On a terminal, the line is rewritten after each message.
+        primary, secondary = pty.openpty()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hl7bridge", "send", "-p", str(server.port), "-q", "127.0.0.1", str(path)],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=secondary,
+            )
+            assert process.wait(timeout=60) == 0
+        finally:
+            os.close(secondary)
+        shown = b""
+        while True:
+            try:
+                data = os.read(primary, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and everything has been read
+                break
+            if not data:
+                break
+            shown += data
+        os.close(primary)
+    finally:
+        server.stop(signal.SIGTERM)
+    text = shown.decode()
+    assert "\rsent 1/3\rsent 2/3\rsent 3/3" in text
+    assert text.replace("\r\n", "\n").endswith("\n3 messages: AA 3\n")
+
+
+def test_version() -> None:
+    from hl7bridge import __version__
+
+    for command in ([], ["send"]):
+        result = _hl7bridge(*command, "--version")
+        assert result.stdout.decode().strip() == f"hl7bridge {__version__}"
+
+
+def test_serve_takes_limits_and_uvloop_from_its_options(tmp_path: Path) -> None:
+    pytest.importorskip("uvloop")
+    server = Server("--uvloop", "--max-message-size", "300", "--max-connections-per-peer", "none")
+    try:
+        small = hl7bridge_send("-p", str(server.port), "127.0.0.1", stdin=message("LIM1").encode())
+        assert small.returncode == 0, small.stderr
+        large = message("LIM2", body="PID|1||1||" + "X" * 400 + "\r")
+        result = hl7bridge_send("-p", str(server.port), "127.0.0.1", stdin=large.encode())
+        assert result.returncode == 1
+        assert "MSA|AR|LIM2|message too large" in result.stdout.decode()
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "complaint"),
+    [
+        ("--max-in-flight", "0", "max_in_flight must be at least 1"),
+        ("--frame-timeout", "-1", "frame_timeout must be more than 0"),
+        ("--framing", "sloppy", "framing must be one of"),
+        ("--log-format", "xml", "--log-format must be one of"),
+    ],
+)
+def test_serve_refuses_a_bad_option_value(option: str, value: str, complaint: str) -> None:
+    result = _hl7bridge("serve", option, value)
+    assert result.returncode == 2
+    assert complaint in result.stderr.decode()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -11,9 +14,10 @@ import pytest
 
 import hl7bridge
 from hl7bridge.client import DeferredSender, Sender
-from hl7bridge.errors import AckMismatch, AckTimeout, NegativeAck
+from hl7bridge.errors import AckMismatch, AckTimeout, ConnectTimeout, NegativeAck
 from hl7bridge.receiver import LoggingReceiver
 from hl7bridge.testing import asyncio_test
+from tests.handlers import admissions
 from tests.interop.test_endpoints import self_signed
 from tests.support import CR, FS, HOST, VT, listening, message, msa
 from tests.test_session import Recording
@@ -21,20 +25,25 @@ from tests.test_session import Recording
 Answer = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+async def fake_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: Answer) -> None:
+    """One connection of a listener written here: reads frames and answers each with ``answer``."""
+    try:
+        while True:
+            block = await reader.readuntil(FS + CR)
+            await answer(block[1:-2], reader, writer)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
 async def fake_peer(answer: Answer) -> tuple[asyncio.Server, list[int]]:
-    """A listener written here: reads frames and answers each with ``answer``."""
+    """A listener written here; the list grows by one for each connection it accepts."""
     connections: list[int] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(1)
-        try:
-            while True:
-                block = await reader.readuntil(FS + CR)
-                await answer(block[1:-2], reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        await fake_connection(reader, writer, answer)
 
     server = await asyncio.start_server(serve, HOST, 0)
     return server, connections
@@ -94,6 +103,95 @@ async def test_peer_that_hangs_up_is_retried_on_a_new_connection() -> None:
 
 
 @asyncio_test
+async def test_retries_back_off_doubling_up_to_the_cap(caplog: pytest.LogCaptureFixture) -> None:
+    times: list[float] = []
+
+    async def hang_up_thrice(block: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        times.append(time.monotonic())
+        if len(times) <= 3:
+            writer.close()
+            raise ConnectionError
+        writer.write(ack_for(block))
+
+    server, connections = await fake_peer(hang_up_thrice)
+    async with Sender(HOST, port_of(server), retries=3, backoff=0.1, max_backoff=0.3) as sender:
+        assert msa(await sender.send(message("BACK1")))[1:3] == ["AA", "BACK1"]
+    server.close()
+    assert len(connections) == 4
+    # Each wait is at least its backoff: 0.1 s, then doubled, then capped at 0.3 s.
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert [gap >= delay * 0.9 for gap, delay in zip(gaps, (0.1, 0.2, 0.3), strict=True)] == [True] * 3, gaps
+    logged = [r.getMessage() for r in caplog.records if r.name == "hl7bridge.client"]
+    assert [line.rsplit(" ", 3)[1:] for line in logged] == [
+        ["1", "in", "0.1s"],
+        ["2", "in", "0.2s"],
+        ["3", "in", "0.3s"],
+    ]
+
+
+@asyncio_test
+async def test_retries_run_out_and_the_last_error_is_raised() -> None:
+    async def hang_up(block: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        raise ConnectionError
+
+    server, connections = await fake_peer(hang_up)
+    async with Sender(HOST, port_of(server), retries=2, backoff=0.01) as sender:
+        with pytest.raises((asyncio.IncompleteReadError, OSError)):
+            await sender.send(message("OUT1"))
+    server.close()
+    assert len(connections) == 3  # the first try and two retries
+
+
+@asyncio_test
+async def test_an_ack_timeout_is_retried_on_a_new_connection() -> None:
+    async def silent_first(block: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(connections) == 1:
+            await asyncio.sleep(3600)
+        writer.write(ack_for(block))
+
+    server, connections = await fake_peer(silent_first)
+    async with Sender(HOST, port_of(server), ack_timeout=0.3, retries=1, backoff=0.01) as sender:
+        assert msa(await sender.send(message("SLOW1")))[1:3] == ["AA", "SLOW1"]
+    server.close()
+    assert len(connections) == 2
+
+
+@asyncio_test
+async def test_a_listener_that_comes_back_is_reconnected_to() -> None:
+    async def answer(block: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(ack_for(block))
+
+    with socket.socket() as probe:  # a free port, with nothing listening on it yet
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    later: list[asyncio.Server] = []
+
+    async def start_later() -> None:
+        await asyncio.sleep(0.2)
+        later.append(await asyncio.start_server(lambda r, w: fake_connection(r, w, answer), HOST, port))
+
+    starting = asyncio.get_running_loop().create_task(start_later())
+    try:
+        async with Sender(HOST, port, retries=5, backoff=0.1) as sender:
+            assert msa(await sender.send(message("BACK2")))[1:3] == ["AA", "BACK2"]
+    finally:
+        await starting
+        later[0].close()
+
+
+@asyncio_test
+async def test_deferred_sender_fails_with_the_typed_error() -> None:
+    async with listening("twisted", admissions.handle) as port:
+        sender = DeferredSender(HOST, port)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(NegativeAck) as raised:
+            await sender.send(message("DEF2", body="PID|1||||DOE^JANE\r")).asFuture(loop)
+        assert raised.value.code == "AE"
+        await sender.close().asFuture(loop)
+
+
+@asyncio_test
 async def test_peer_that_hangs_up_without_retries_raises() -> None:
     async def hang_up(block: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
@@ -112,11 +210,12 @@ async def test_negative_acks_raise_with_their_code(code: str) -> None:
     async def negative(block: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(ack_for(block, code))
 
-    server, _ = await fake_peer(negative)
-    async with Sender(HOST, port_of(server), retries=3) as sender:
+    server, connections = await fake_peer(negative)
+    async with Sender(HOST, port_of(server), retries=3, backoff=0.01) as sender:
         with pytest.raises(NegativeAck) as raised:
             await sender.send(message("NEG1"))
     assert raised.value.code == code and msa(raised.value.ack)[2] == "NEG1"
+    assert len(connections) == 1  # a negative ACK is an answer: never sent again
     server.close()
 
 
@@ -183,3 +282,21 @@ async def test_verification_is_on_by_default(tmp_path: Path) -> None:
                 await sender.send(message("TLS3"))
     finally:
         await hl7bridge.shutdown(server)
+
+
+@asyncio_test
+async def test_connect_timeout_is_typed_and_retried(tmp_path: Path) -> None:
+    """A listener that takes the TCP connection but never answers the TLS handshake."""
+
+    async def never(block: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise AssertionError("no frame can arrive before the handshake")
+
+    server, connections = await fake_peer(never)
+    _, with_cert, _ = mutual_tls(tmp_path)
+    started = time.monotonic()
+    async with Sender(HOST, port_of(server), ssl=with_cert, connect_timeout=0.3, retries=1, backoff=0.01) as sender:
+        with pytest.raises(ConnectTimeout, match=r"within 0\.3s"):
+            await sender.send(message("CONN1"))
+    assert 0.6 <= time.monotonic() - started < 10
+    assert len(connections) == 2
+    server.close()

@@ -108,6 +108,20 @@ def test_block_exactly_at_the_limit_is_accepted() -> None:
     assert run(f.Deframer(max_message_size=len(M1)), [VT + M1 + FS + CR]) == [f.Frame(M1)]
 
 
+@pytest.mark.parametrize("mode", f.FRAMING_MODES)
+def test_block_one_byte_over_the_limit_is_oversized_however_it_arrives(mode: str) -> None:
+    """The limit holds for a block that ends in the read that takes it past the limit, too."""
+    small = M2[:40]
+    for chunks in splits(VT + M1 + FS + CR + VT + small + FS + CR):
+        events = run(f.Deframer(mode, max_message_size=len(M1) - 1), chunks)
+        assert events == [f.Oversized(M1, len(M1)), f.Frame(small)], chunks
+
+
+def test_block_without_start_over_the_limit_is_oversized() -> None:
+    events = run(f.Deframer(max_message_size=len(M1) - 1), [M1 + FS + CR + VT + M2[:40] + FS + CR])
+    assert events == [f.Deviation(f.MISSING_START, 0), f.Oversized(M1, len(M1)), f.Frame(M2[:40])]
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="framing mode"):
         f.Deframer("sloppy")

@@ -19,8 +19,9 @@ from hl7bridge.handlers import HandlerReceiver, as_receiver
 from hl7bridge.receiver import LoggingReceiver
 from hl7bridge.testing import asyncio_test
 from tests.handlers import admissions
+from tests.legacy.adt_receiver import ADTReceiver
 from tests.support import FACES, HOST, Peer, frame, message, msa
-from tests.test_session import exchange, ids
+from tests.test_session import exchange
 
 HANDLER_FILE = Path(admissions.__file__)
 
@@ -55,13 +56,16 @@ async def test_handler_answers_text_none_or_failure(face: str) -> None:
     assert msa(reply.decode())[1:4] == ["AR", "B1", "handler failed"]
 
 
+@pytest.mark.parametrize("kind", ["handler", "txHL7 receiver"])
 @asyncio_test
-async def test_stream_callback_serves_on_a_plain_hl7_mllp_server() -> None:
-    server = await start_hl7_server(hl7bridge.stream_callback(admissions.handle), HOST, 0)
+async def test_stream_callback_serves_on_a_plain_hl7_mllp_server(kind: str) -> None:
+    target = admissions.handle if kind == "handler" else ADTReceiver()
+    server = await start_hl7_server(hl7bridge.stream_callback(target), HOST, 0)
     try:
         peer = await Peer.connect(server.sockets[0].getsockname()[1])
-        await peer.send(frame(message("S1").encode()) + frame(message("S2").encode()))
-        assert ids(await peer.replies(2)) == ["S1", "S2"]
+        await peer.send(frame(message("S1").encode()) + frame(message("S2", body="PID|1||||DOE^JANE\r").encode()))
+        replies = await peer.replies(2)
+        assert [msa(reply.decode())[1:3] for reply in replies] == [["AA", "S1"], ["AE", "S2"]]
         await peer.close()
     finally:
         server.close()

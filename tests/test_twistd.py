@@ -1,28 +1,47 @@
-"""``twistd hl7bridge`` from an installed wheel, as a deployment runs it."""
+"""``twistd hl7bridge`` from an installed wheel, as a deployment runs it.
+
+The wheel is built from a copy of the files that make the distribution (so no
+``build/`` folder left in the checkout can slip stale files into it), installed
+with pip into a folder of its own, and twistd runs with that folder first on
+its path. Every wait is bounded: a twistd that hangs fails the test, and is
+killed, instead of holding up the suite.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-import re
+import shutil
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.interop.test_endpoints import mtls_endpoint, mutual_tls_files
 from tests.test_cli import ROOT, mllp_send
+from tests.test_docs import Lines
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
+# What setup.cfg packages: the sources of the wheel, and nothing else of the checkout.
+DISTRIBUTION = ("setup.cfg", "setup.py", "pyproject.toml", "README.md", "hl7bridge", "twisted")
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """hl7bridge built as a wheel and installed into a folder of its own."""
+    """hl7bridge built as a wheel and installed with pip into a folder of its own."""
     folder = tmp_path_factory.mktemp("wheel")
+    source = folder / "source"
+    for name in DISTRIBUTION:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "dropin.cache"))
+        else:
+            source.mkdir(exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(folder), str(ROOT)], check=True, timeout=300)
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(folder), str(source)], check=True, timeout=300)
     [wheel] = folder.glob("hl7bridge-*.whl")
     target = folder / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=300)
@@ -30,51 +49,153 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def twistd(site: Path, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", *args],
+def environment(site: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(site)}
+
+
+def test_the_installed_copy_is_what_runs(installed: Path, tmp_path: Path) -> None:
+    """With the wheel's folder first on the path, neither the checkout nor the editable install is used."""
+    code = (
+        "import importlib, twisted.plugins\n"
+        "from twisted.plugin import getPlugins\n"
+        "from twisted.application.service import IServiceMaker\n"
+        "[maker] = [p for p in getPlugins(IServiceMaker) if p.tapname == 'hl7bridge']\n"
+        "print(importlib.import_module('twisted.plugins.hl7bridge_plugin').__file__)\n"
+        "print(importlib.import_module(maker.module).__file__)\n"
+        "print(*twisted.plugins.__path__, sep='\\n')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(site)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        env=environment(installed),
+        capture_output=True,
         text=True,
+        timeout=60,
     )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert Path(lines[0]).is_relative_to(installed)
+    assert Path(lines[1]).is_relative_to(installed)
+    # Plugins come from the wheel's twisted/plugins folder, not from the checkout's.
+    searched = [Path(path) for path in lines[2:]]
+    assert installed / "twisted" / "plugins" in searched
+    assert ROOT / "twisted" / "plugins" not in searched
 
 
-def test_twistd_serves_from_the_wheel_and_drains_on_sigterm(installed: Path, tmp_path: Path) -> None:
+class Twistd:
+    """twistd in a subprocess, its output read in a thread so every wait has a deadline."""
+
+    def __init__(self, site: Path, cwd: Path, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", *args],
+            cwd=cwd,
+            env=environment(site),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output = Lines(self.process.stdout)
+        self.closed = False
+
+    def finish(self, sig: int | None = None, timeout: float = 30) -> str:
+        """Send ``sig`` (if any), wait at most ``timeout`` seconds for the end, return all output."""
+        if sig is not None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=timeout)
+        finally:
+            self.close()
+        return "".join(self.output.seen)
+
+    def close(self) -> None:
+        """Kill the process if it still runs, and read what it printed to the end."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        if not self.closed:
+            self.closed = True
+            self.output.rest()
+
+
+@pytest.fixture
+def twistd(installed: Path, tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
+    """Starts twistd with the arguments given; kills what is still running when the test ends."""
+    started: list[Twistd] = []
+
+    def start(*args: str) -> Twistd:
+        started.append(Twistd(installed, tmp_path, *args))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def test_twistd_serves_from_the_wheel_and_drains_on_sigterm(
+    installed: Path, tmp_path: Path, twistd: Callable[..., Twistd]
+) -> None:
+    files = mutual_tls_files(tmp_path)
     process = twistd(
-        installed, tmp_path, "--reactor", "asyncio", "hl7bridge", "--endpoint", "tcp:0:interface=127.0.0.1"
+        "--reactor", "asyncio", "hl7bridge", "--endpoint", "tcp:0:interface=127.0.0.1", "-e", mtls_endpoint(files)
     )
-    assert process.stdout is not None
-    lines = []
-    port = None
-    deadline = time.monotonic() + 60
-    while port is None and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = re.search(r"MLLPFactory starting on (\d+)", line)
-        port = int(found.group(1)) if found else None
-    assert port is not None, "".join(lines)
+    ports = [int(process.output.wait_for(r"MLLPFactory (?:\(TLS\) )?starting on (\d+)").group(1)) for _ in range(2)]
     # twistd found the plugin in the wheel's folder (and cached it there).
     assert (installed / "twisted" / "plugins" / "dropin.cache").is_file()
     message_file = tmp_path / "m.hl7"
     message_file.write_bytes(b"\x0bMSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|TWISTD01|P|2.5\rPID|1||1||X^Y\r\x1c\r")
-    assert "MSA|AA|TWISTD01" in mllp_send(port, message_file).replace("\r", "\n")
-    # hl7bridge's own log lines reach twistd's log (LoggingReceiver's, here).
-    process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=30)
-    log = "".join(lines) + out
-    assert "received ADT^A01 control id TWISTD01" in log
+    assert "MSA|AA|TWISTD01" in mllp_send(ports[0], message_file).replace("\r", "\n")
+    # The second listener, mutual TLS through the wheel's mtls: endpoint, answered the installed sender.
+    tls = [
+        "--cafile",
+        str(files["listener_cert"]),
+        "--cert",
+        str(files["sender_cert"]),
+        "--key",
+        str(files["sender_key"]),
+    ]
+    sent = subprocess.run(
+        [sys.executable, "-m", "hl7bridge", "send", "-p", str(ports[1]), *tls, "127.0.0.1", str(message_file)],
+        cwd=tmp_path,
+        env=environment(installed),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0 and "MSA|AA|TWISTD01" in sent.stdout, sent.stderr
+    # hl7bridge's log lines reach twistd's log: LoggingReceiver's and the one line per message.
+    process.output.wait_for(r"\[hl7bridge\.messages#info\] 127\.0\.0\.1:\d+ ADT\^A01 TWISTD01 AA \d+\.\dms")
+    log = process.finish(signal.SIGTERM)
+    assert log.count("received ADT^A01 control id TWISTD01") == 2
     # twistd ends by re-raising the signal that stopped it, after a clean shutdown.
-    assert process.returncode in (0, -signal.SIGTERM), log
+    assert process.process.returncode in (0, -signal.SIGTERM), log
     assert "Server Shut Down." in log
     assert "Traceback" not in log
 
 
-def test_twistd_without_the_asyncio_reactor_says_what_to_add(installed: Path, tmp_path: Path) -> None:
-    process = twistd(installed, tmp_path, "hl7bridge", "--endpoint", "tcp:0:interface=127.0.0.1")
-    out, _ = process.communicate(timeout=60)
-    assert process.returncode != 0
+def test_twistd_logs_json_lines_with_the_json_observer(tmp_path: Path, twistd: Callable[..., Twistd]) -> None:
+    process = twistd(
+        "--logger",
+        "hl7bridge.tap.json_log_observer",
+        "--reactor",
+        "asyncio",
+        "hl7bridge",
+        "-e",
+        "tcp:0:interface=127.0.0.1",
+    )
+    port = int(process.output.wait_for(r"MLLPFactory starting on (\d+)").group(1))
+    message_file = tmp_path / "m.hl7"
+    message_file.write_bytes(b"\x0bMSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|TWISTD02|P|2.5\rPID|1||1||X^Y\r\x1c\r")
+    assert "MSA|AA|TWISTD02" in mllp_send(port, message_file).replace("\r", "\n")
+    process.output.wait_for(r'"logger": "hl7bridge.messages"')
+    log = process.finish(signal.SIGTERM)
+    entries = [json.loads(line) for line in log.splitlines() if line.strip()]  # every line is JSON
+    [entry] = [e for e in entries if e["logger"] == "hl7bridge.messages"]
+    assert entry["control_id"] == "TWISTD02" and entry["ack_code"] == "AA" and entry["message_type"] == "ADT^A01"
+    assert "X^Y" not in log
+
+
+def test_twistd_without_the_asyncio_reactor_says_what_to_add(twistd: Callable[..., Twistd]) -> None:
+    process = twistd("hl7bridge", "--endpoint", "tcp:0:interface=127.0.0.1")
+    out = process.finish(timeout=60)
+    assert process.process.returncode != 0
     assert "Add --reactor asyncio" in out

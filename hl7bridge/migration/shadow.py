@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from hl7bridge.metrics import Family
+
 AGREED = "agreed"
 DIFFERED = "differed"
 FAILED = "failed"
@@ -61,16 +63,33 @@ class ShadowReport:
 
     counts: dict[str, Counter[str]] = field(default_factory=dict)
 
-    def record(self, message_type: str, outcome: str) -> None:
+    def record(self, message_type: str, outcome: str, times: int = 1) -> None:
+        """Count ``times`` comparisons of ``message_type`` that ended in ``outcome``."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}")
-        self.counts.setdefault(message_type, Counter())[outcome] += 1
+        self.counts.setdefault(message_type, Counter())[outcome] += times
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         """``{message_type: {"agreed": n, "differed": n, "failed": n}}``."""
         return {
             kind: {outcome: counts[outcome] for outcome in OUTCOMES} for kind, counts in sorted(self.counts.items())
         }
+
+    def families(self) -> list[Family]:
+        """The counts as the series ``hl7bridge_shadow_comparisons_total{message_type, outcome}``."""
+        samples = [
+            ("_total", {"message_type": kind, "outcome": outcome}, float(n))
+            for kind, counts in self.as_dict().items()
+            for outcome, n in counts.items()
+        ]
+        return [
+            Family(
+                "hl7bridge_shadow_comparisons",
+                "counter",
+                "Shadow answers compared with the primary's, by message type and outcome (agreed, differed, failed).",
+                samples,
+            )
+        ]
 
     def format(self) -> str:
         """The report as a text table."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import ssl
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -89,3 +91,75 @@ async def test_tls_endpoint(tmp_path: Path) -> None:
     finally:
         await stop(port, factory)
     assert len(receiver.received) == 2
+
+
+def mutual_tls_files(folder: Path) -> dict[str, Path]:
+    """A listener's certificate and key, and a sender's, each self-signed, in files."""
+    (folder / "listener").mkdir()
+    (folder / "sender").mkdir()
+    listener_cert, listener_key = self_signed(folder / "listener")
+    sender_cert, sender_key = self_signed(folder / "sender")
+    return {
+        "listener_cert": listener_cert,
+        "listener_key": listener_key,
+        "sender_cert": sender_cert,
+        "sender_key": sender_key,
+    }
+
+
+def mtls_endpoint(files: dict[str, Path]) -> str:
+    """An ``mtls:`` endpoint on a free port that accepts the sender of ``files`` only."""
+    return (
+        f"mtls:0:interface=127.0.0.1:privateKey={files['listener_key']}:certKey={files['listener_cert']}"
+        f":caCerts={files['sender_cert']}"
+    )
+
+
+async def refused(port: int, context: ssl.SSLContext) -> None:
+    """Assert that the listener refuses this client: at the handshake (TLS 1.2) or at the first read (1.3)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    except (ssl.SSLError, ConnectionError):
+        return
+    peer = Peer(reader, writer)
+    try:
+        await peer.send(frame(message("REFUSED").encode()))
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await peer.reply()
+    finally:
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+
+
+@asyncio_test
+async def test_mtls_endpoint_accepts_a_good_client_certificate_and_refuses_none(tmp_path: Path) -> None:
+    files = mutual_tls_files(tmp_path)
+    receiver = Recording()
+    port, factory = await listen(mtls_endpoint(files), receiver)
+    number = port.getHost().port  # type: ignore[attr-defined]
+    try:
+        with_cert = ssl.create_default_context(cafile=str(files["listener_cert"]))
+        with_cert.load_cert_chain(str(files["sender_cert"]), str(files["sender_key"]))
+        reader, writer = await asyncio.open_connection("127.0.0.1", number, ssl=with_cert)
+        assert await exchange(Peer(reader, writer)) == ["EP1", "EP2"]
+
+        # A certificate the listener does not trust, and none at all: no message gets through.
+        stranger_cert, stranger_key = self_signed(tmp_path)
+        with_stranger = ssl.create_default_context(cafile=str(files["listener_cert"]))
+        with_stranger.load_cert_chain(str(stranger_cert), str(stranger_key))
+        without_cert = ssl.create_default_context(cafile=str(files["listener_cert"]))
+        for context in (with_stranger, without_cert):
+            await refused(number, context)
+    finally:
+        await stop(port, factory)
+    assert len(receiver.received) == 2
+
+
+def test_mtls_endpoint_needs_a_ca_certificate(tmp_path: Path) -> None:
+    files = mutual_tls_files(tmp_path)
+    empty = tmp_path / "empty.pem"
+    empty.write_text("no certificate here\n")
+    description = mtls_endpoint(files).replace(str(files["sender_cert"]), str(empty))
+    with pytest.raises(ValueError, match="holds no PEM certificate"):
+        endpoints.serverFromString(reactor, description)

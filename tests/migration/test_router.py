@@ -170,3 +170,46 @@ async def test_logs_of_routing_carry_no_content(face: str, caplog: pytest.LogCap
     await router.wait_for_shadows()
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "DOE" not in text and "JANE" not in text and "12345" not in text
+
+
+@asyncio_test
+async def test_twistd_service_logs_the_shadow_report_when_it_stops(caplog: pytest.LogCaptureFixture) -> None:
+    from twisted.internet import reactor
+
+    from hl7bridge.defer import to_future
+    from hl7bridge.mllp import MLLPFactory
+    from hl7bridge.tap import DrainingService
+    from tests.support import HOST, Peer
+
+    factory = MLLPFactory(Router([Route("ADT^A01", Primary(), shadow=hanging)], shadow_timeout=0.3))
+    port = reactor.listenTCP(0, factory, interface=HOST)
+    peer = await Peer.connect(port.getHost().port)
+    await peer.send(typed("E1", "ADT^A01^ADT_A01"))
+    assert msa((await peer.reply()).decode())[1:3] == ["AA", "E1"]
+    await peer.close()
+    loop = asyncio.get_running_loop()
+    await to_future(port.stopListening(), loop)
+    started = time.monotonic()
+    # The service waits for the hanging shadow (up to shadow_timeout), then logs the report.
+    await to_future(DrainingService(factory).stopService(), loop)
+    assert time.monotonic() - started < 5
+    logged = [r.getMessage() for r in caplog.records if r.name == "hl7bridge.migration"]
+    assert "shadow report ADT^A01: agreed 0, differed 0, failed 1" in logged
+
+
+def test_route_matches_type_trigger_wildcards_and_sender_fields() -> None:
+    from hl7bridge.ack import read_header
+
+    def header(msh9: str, app: str = "LAB^1.2.3^ISO", facility: str = "NORTH^9^ISO") -> Any:
+        return read_header(f"MSH|^~\\&|{app}|{facility}|R|F|20240101||{msh9}|C1|P|2.5\r")
+
+    assert Route("ADT^A01", None).matches(header("ADT^A01^ADT_A01"))
+    assert not Route("ADT^A01", None).matches(header("ADT^A011"))
+    assert Route("ADT^A0?", None).matches(header("ADT^A04"))
+    assert Route("ADT", None).matches(header("ADT")) and not Route("ADT", None).matches(header("ADT^A01"))
+    assert Route("*", None).matches(header("ORU^R01"))
+    # MSH-3 and MSH-4 by their first component, with wildcards.
+    by_sender = Route("ORU^*", None, sending_application="LAB", sending_facility="NORTH*")
+    assert by_sender.matches(header("ORU^R01"))
+    assert not by_sender.matches(header("ORU^R01", facility="SOUTH"))
+    assert not by_sender.matches(header("ORU^R01", app="RAD"))

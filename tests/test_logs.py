@@ -1,0 +1,114 @@
+"""Logs: text or JSON, through Python logging and Twisted's logger, content only when asked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import sys
+from typing import Any
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+from hl7bridge.tap import JSONFormatter, TwistedLogHandler, json_log_observer
+from hl7bridge.testing import asyncio_test
+from tests.support import FACES, frame, message
+from tests.test_cli import Server, hl7bridge_send
+from tests.test_session import exchange
+
+SECRET_BODY = "PID|1||55501||TESTPERSON^SECRET\r"
+
+
+def message_line(entries: list[dict[str, Any]], control_id: str) -> dict[str, Any]:
+    [entry] = [e for e in entries if e["logger"] == "hl7bridge.messages" and e.get("control_id") == control_id]
+    return entry
+
+
+def test_serve_logs_json_lines_with_the_fields_of_each_message() -> None:
+    server = Server("--log-format", "json")
+    try:
+        result = hl7bridge_send(
+            "-p", str(server.port), "-q", "127.0.0.1", stdin=message("JSON1", body=SECRET_BODY).encode()
+        )
+        assert result.returncode == 0, result.stderr
+        server.wait_for(r'"control_id": "JSON1"')
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    lines = [line for line in server.log if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line, Twisted's own included, is JSON
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    entry = message_line(entries, "JSON1")
+    assert entry["level"] == "INFO"
+    assert entry["message_type"] == "ADT^A01" and entry["ack_code"] == "AA"
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", entry["peer"]) and isinstance(entry["ms"], float)
+    assert any(e["logger"] == "hl7bridge.cli" and e["message"].startswith("serving ") for e in entries)
+    text = "".join(lines)
+    assert "TESTPERSON" not in text and "55501" not in text
+    assert "hl7_message" not in text
+
+
+def test_serve_logs_content_only_when_asked() -> None:
+    server = Server("--log-content", "--log-format", "json")
+    try:
+        result = hl7bridge_send(
+            "-p", str(server.port), "-q", "127.0.0.1", stdin=message("CONTENT1", body=SECRET_BODY).encode()
+        )
+        assert result.returncode == 0, result.stderr
+        server.wait_for(r'"logger": "hl7bridge.content"')
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    entries = [json.loads(line) for line in server.log if line.strip()]
+    [content] = [e for e in entries if e["logger"] == "hl7bridge.content"]
+    assert content["control_id"] == "CONTENT1"
+    assert "PID|1||55501||TESTPERSON^SECRET" in content["hl7_message"]
+    assert "MSA|AA|CONTENT1" in content["hl7_ack"]
+    # The per-message line stays free of content even then.
+    assert "TESTPERSON" not in json.dumps(message_line(entries, "CONTENT1"))
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_content_logger_is_silent_without_the_setting(face: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    data = frame(message("QUIET1", body=SECRET_BODY).encode())
+    await exchange(face, lambda message: message.create_ack(), data, 1)
+    await exchange(face, lambda message: message.create_ack(), data, 1, log_content=True)
+    content = [r for r in caplog.records if r.name == "hl7bridge.content"]
+    assert len(content) == 1 and "TESTPERSON" in content[0].getMessage()
+    others = " ".join(r.getMessage() for r in caplog.records if r.name != "hl7bridge.content")
+    assert "TESTPERSON" not in others and "QUIET1" in others
+
+
+def test_json_formatter_keeps_extra_fields_and_errors() -> None:
+    record = logging.makeLogRecord(
+        {"name": "hl7bridge.messages", "levelno": logging.INFO, "levelname": "INFO", "msg": "m %s", "args": ("x",)}
+    )
+    record.control_id = "F1"
+    try:
+        raise LookupError("boom")
+    except LookupError:
+        record.exc_info = sys.exc_info()
+    entry = json.loads(JSONFormatter().format(record))
+    assert entry["message"] == "m x" and entry["control_id"] == "F1"
+    assert "LookupError: boom" in entry["error"]
+
+
+def test_twistd_json_observer_writes_hl7bridge_records_with_their_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    """What ``twistd --logger hl7bridge.tap.json_log_observer`` writes, for a record that went through Twisted."""
+    observer = json_log_observer()
+    globalLogPublisher.addObserver(observer)
+    try:
+        record = logging.makeLogRecord(
+            {"name": "hl7bridge.messages", "levelno": logging.WARNING, "msg": "peer ADT^A01 TW1 AA 0.4ms"}
+        )
+        record.control_id = "TW1"
+        record.ack_code = "AA"
+        TwistedLogHandler().emit(record)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    [entry] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "TW1" in line]
+    assert entry["logger"] == "hl7bridge.messages" and entry["level"] == "WARNING"
+    assert entry["message"] == "peer ADT^A01 TW1 AA 0.4ms"
+    assert entry["control_id"] == "TW1" and entry["ack_code"] == "AA"
