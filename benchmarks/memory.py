@@ -67,7 +67,7 @@ WARMUP_CONNECTIONS = 10
 TRACED = ("txhl7-epoll", "txhl7-asyncio", "plain-hl7mllp", "hl7bridge-asyncio", "hl7bridge-twisted")
 
 #: Lines shown per traced listener in the breakdown.
-TOP_LINES = 12
+TOP_LINES = 15
 
 #: The listener every ratio is taken against, and the listeners the target applies to.
 REFERENCE = "txhl7-epoll"
@@ -305,8 +305,8 @@ def analyse(paths: list[Path], connections: int, harness: ModuleType) -> dict[st
             where = diff.traceback[0]
             part = harness.component(where.filename, "")
             if part == "benchmark receiver":
-                # Allocations made in C (uvloop's handles) are charged to the Python line that runs the loop.
-                part = "benchmarks/servers.py, and C code it runs (uvloop)"
+                # Its handlers; and what C code (uvloop) allocates is charged to the line that runs the loop.
+                part = "benchmarks/servers.py"
             parts[part] = parts.get(part, 0.0) + diff.size_diff / connections
             lines.append(
                 {
