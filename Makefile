@@ -46,3 +46,9 @@ $(BENCH_STAMP): setup.cfg setup.py | $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py --write-docs
+
+# make bench-memory: memory per idle connection, 5,000 connections held by each
+# listener in turn (its own section of docs/performance.md; about 5 minutes)
+.PHONY: bench-memory
+bench-memory: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/run.py --memory --write-docs

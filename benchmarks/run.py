@@ -3,6 +3,7 @@
     python benchmarks/run.py               # full run (~5-6 minutes), prints one table
     python benchmarks/run.py --quick       # smoke check: 1 s per row, few rows
     python benchmarks/run.py --write-docs  # also writes docs/performance.md and docs/performance.png
+    python benchmarks/run.py --memory      # memory per idle connection instead (benchmarks/memory.py)
 
 Every listener of ``benchmarks/servers.py`` runs as a process of its own, pinned
 to one CPU (``taskset``); the closed-loop C load generator
@@ -36,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import memory
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -230,12 +233,20 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, kind: str, prefix: list[str], log_dir: Path, profile: Path | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        prefix: list[str],
+        log_dir: Path,
+        profile: Path | None = None,
+        extra: list[str] | None = None,
+        log_name: str | None = None,
+    ) -> None:
         self.kind = kind
         self.port = free_port()
-        self.log_path = log_dir / f"{kind}.log"
+        self.log_path = log_dir / f"{log_name or kind}.log"
         self.log = self.log_path.open("wb")
-        argv = [*prefix, sys.executable, str(SERVERS), kind, str(self.port)]
+        argv = [*prefix, sys.executable, str(SERVERS), kind, str(self.port), *(extra or [])]
         if profile is not None:
             argv += ["--profile", str(profile)]
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -826,7 +837,8 @@ def render_docs(result: dict[str, Any], rows: list[Row], chart_written: bool) ->
         "",
         "Each cell is a ratio of this run's figures in that workload (msgs/s over msgs/s, or p99 over p99);"
         " a missed target is in bold. Keep in mind the spread column above: a ratio of two rows each"
-        " ±30% means little near its goal. Memory per idle connection is not measured by this harness.",
+        " ±30% means little near its goal. Memory per idle connection is measured by `make bench-memory`"
+        " (its own section below).",
         "",
         targets_table(result["targets"]),
         "",
@@ -930,6 +942,15 @@ def write_docs(result: dict[str, Any], rows: list[Row]) -> None:
 # Main ----------------------------------------------------------------------
 
 
+def names(parser: argparse.ArgumentParser, listeners: str | None) -> list[str]:
+    """A comma-separated list of listeners, checked; [] for None or ''."""
+    wanted = [name.strip() for name in (listeners or "").split(",") if name.strip()]
+    unknown = set(wanted) - set(LISTENERS)
+    if unknown:
+        parser.error(f"unknown listeners: {', '.join(sorted(unknown))}")
+    return wanted
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke check: 1 s per row, few listeners and workloads")
@@ -944,6 +965,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", help="comma-separated subset of: oru-1, oru-8, oru-64, large-8")
     parser.add_argument("--write-docs", action="store_true", help="write docs/performance.md and docs/performance.png")
     parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="measure memory per idle connection instead of throughput (benchmarks/memory.py); with"
+        " --write-docs, only its section of docs/performance.md is rewritten",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=memory.CONNECTIONS,
+        help=f"--memory: connections held per listener (default {memory.CONNECTIONS:,})",
+    )
+    parser.add_argument(
+        "--tracemalloc",
+        metavar="LISTENERS",
+        default=",".join(memory.TRACED),
+        help="--memory: listeners also run under tracemalloc for a breakdown by source line (comma-separated;"
+        f" default {','.join(memory.TRACED)}; '' for none)",
+    )
+    parser.add_argument(
         "--compare-shared",
         metavar="SOURCE",
         default=str(SHARED_LOAD),
@@ -957,6 +997,13 @@ def main(argv: list[str] | None = None) -> int:
         f" is {','.join(DOC_PROFILES)}; '' for none)",
     )
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.memory:
+        args.listeners = names(parser, args.listeners)
+        args.tracemalloc = names(parser, args.tracemalloc)
+        if args.connections < 1:
+            parser.error("--connections must be at least 1")
+        return memory.run(args, sys.modules[__name__])
 
     duration = args.duration or (1.0 if args.quick else 5.0)
     warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 0.5)
@@ -965,10 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1, --duration positive, --warmup not negative")
     listeners = QUICK_LISTENERS if args.quick else LISTENERS
     if args.listeners:
-        wanted = [name.strip() for name in args.listeners.split(",") if name.strip()]
-        unknown = set(wanted) - set(LISTENERS)
-        if unknown:
-            parser.error(f"unknown listeners: {', '.join(sorted(unknown))}")
+        wanted = names(parser, args.listeners)
         listeners = [name for name in LISTENERS if name in wanted]
     selected = workloads(args.quick)
     if args.workloads:

@@ -1,10 +1,17 @@
 """The MLLP listeners the benchmark compares, each run as a process of its own.
 
-    python benchmarks/servers.py KIND PORT [--profile FILE]
+    python benchmarks/servers.py KIND PORT [--profile FILE | --tracemalloc DIR]
 
 listens on 127.0.0.1:PORT until killed (SIGTERM or SIGINT). ``--profile``
 runs the listener under cProfile and writes the stats to FILE when it is
-stopped, for ``python -m pstats FILE``.
+stopped, for ``python -m pstats FILE``. ``--tracemalloc`` traces the Python
+heap from the start and, on each SIGUSR1, writes a snapshot to DIR (``0.snapshot``,
+``1.snapshot``, ...), for the memory benchmark's breakdown.
+
+Every listener raises its soft limit of open files to the hard limit, and the
+hl7bridge listeners turn off hl7bridge's connection limits (``max_connections``
+1000 and ``max_connections_per_peer`` 100 by default): the memory benchmark
+holds 5,000 connections, all from 127.0.0.1.
 
 Every listener acknowledges every message with AA. What differs is the stack
 and how much of the message is looked at:
@@ -43,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -54,6 +62,10 @@ HOST = "127.0.0.1"
 #: large corpus ORUs (up to 77 KB) with ValueError, so it is raised here, as a
 #: deployment receiving such messages would have to.
 PLAIN_HL7MLLP_LIMIT = 16 * 1024 * 1024
+
+#: hl7bridge's connection limits, off: the memory benchmark opens 5,000
+#: connections from one address. The throughput runs open 64 at most.
+NO_CONNECTION_LIMITS: dict[str, Any] = {"max_connections": None, "max_connections_per_peer": None}
 
 #: What the ceiling listeners answer, whatever they receive.
 CANNED_ACK = (
@@ -132,7 +144,7 @@ def hl7bridge_asyncio(port: int, uvloop: bool = False) -> None:
     import hl7bridge
 
     receiver = hl7bridge_ack_receiver()
-    run_asyncio(lambda: hl7bridge.serve(receiver, HOST, port), uvloop)
+    run_asyncio(lambda: hl7bridge.serve(receiver, HOST, port, **NO_CONNECTION_LIMITS), uvloop)
 
 
 def hl7bridge_twisted(port: int, receiver_factory: Callable[[], Any], uvloop: bool = False) -> None:
@@ -141,7 +153,7 @@ def hl7bridge_twisted(port: int, receiver_factory: Callable[[], Any], uvloop: bo
     reactor = install(uvloop=uvloop)
     from hl7bridge.mllp import MLLPFactory
 
-    reactor.listenTCP(port, MLLPFactory(receiver_factory()), interface=HOST)
+    reactor.listenTCP(port, MLLPFactory(receiver_factory(), **NO_CONNECTION_LIMITS), interface=HOST)
     reactor.run()
 
 
@@ -229,13 +241,42 @@ LISTENERS: dict[str, Callable[[int], None]] = {
 }
 
 
+def raise_open_files_limit() -> None:
+    """Allow as many open files as the hard limit does (5,000 connections need more than 1,024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def snapshot_on_signal(directory: str) -> None:
+    """Trace the Python heap; on each SIGUSR1, write a snapshot to ``directory``."""
+    import tracemalloc
+
+    tracemalloc.start()
+    taken = 0
+
+    def dump(signum: int, frame: Any) -> None:
+        nonlocal taken
+        path = os.path.join(directory, f"{taken}.snapshot")
+        tracemalloc.take_snapshot().dump(path + ".part")
+        os.replace(path + ".part", path)  # complete when it appears
+        taken += 1
+
+    signal.signal(signal.SIGUSR1, dump)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=sorted(LISTENERS))
     parser.add_argument("port", type=int)
-    parser.add_argument("--profile", metavar="FILE", help="run under cProfile; write stats to FILE on exit")
+    traced = parser.add_mutually_exclusive_group()
+    traced.add_argument("--profile", metavar="FILE", help="run under cProfile; write stats to FILE on exit")
+    traced.add_argument("--tracemalloc", metavar="DIR", help="trace the Python heap; SIGUSR1 writes a snapshot to DIR")
     args = parser.parse_args(argv)
     run = LISTENERS[args.kind]
+    raise_open_files_limit()
+    if args.tracemalloc:
+        snapshot_on_signal(args.tracemalloc)
 
     if not args.profile:
         # Twisted's reactors stop on SIGTERM by themselves; asyncio loops are just killed.

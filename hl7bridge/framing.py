@@ -94,6 +94,22 @@ class Deframer:
         max_message_size: largest block accepted, in bytes.
     """
 
+    # One per connection: no __dict__.
+    __slots__ = (
+        "_after_block",
+        "_buffer",
+        "_dropping",
+        "_head",
+        "_in_block",
+        "_max",
+        "_offset",
+        "_rejected",
+        "_scanned",
+        "_start",
+        "_strict",
+        "_unstarted",
+    )
+
     def __init__(self, mode: str = LENIENT, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         if mode not in FRAMING_MODES:
             raise ValueError(f"framing mode must be one of {FRAMING_MODES}, not {mode!r}")

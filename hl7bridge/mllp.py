@@ -40,6 +40,9 @@ class StreamTransport(asyncio.Transport):
     ``writer.drain()`` waits).
     """
 
+    # One per connection: no __dict__.
+    __slots__ = ("_closing", "_protocol", "_reading", "_transport", "_writing_paused")
+
     def __init__(self, transport: Any, stream_protocol: asyncio.BaseProtocol) -> None:
         super().__init__()
         self._transport = transport

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, fields
 from typing import Any, Union
 
@@ -188,19 +188,18 @@ class Engine:
             log.warning("%s: connection refused: %s", _peer_name(peer), refused)
             writer.close()
             return None
-        session = Session(self, reader, writer, loop)
+        session = Session(self, reader, writer, loop, host)
         task = loop.create_task(session.run())
         self._sessions[task] = session
         self._per_peer[host] += 1
-
-        def ended(task: asyncio.Task[None]) -> None:
-            del self._sessions[task]
-            self._per_peer[host] -= 1
-            if not self._per_peer[host]:
-                del self._per_peer[host]
-
-        task.add_done_callback(ended)
+        task.add_done_callback(self._ended)
         return task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        host = self._sessions.pop(task).host
+        self._per_peer[host] -= 1
+        if not self._per_peer[host]:
+            del self._per_peer[host]
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop every connection: no more reading; messages in flight are answered.
@@ -222,10 +221,41 @@ class Engine:
 
 
 class Session:
-    """The state of one connection while :meth:`run` serves it."""
+    """The state of one connection while :meth:`run` serves it.
+
+    A listener may hold thousands of idle connections, so a session allocates
+    little until messages come: slots rather than a ``__dict__``, an empty list
+    for the replies pending (a deque allocates a 64-slot block at once), and
+    the empty tuple until a framing deviation is noted.
+    """
+
+    __slots__ = (
+        "_buffer_data",
+        "_deframer",
+        "_deviations",
+        "_direct",
+        "_frame_started",
+        "_last_activity",
+        "_observing",
+        "_pending",
+        "_timer",
+        "engine",
+        "host",
+        "loop",
+        "peer",
+        "reader",
+        "receiver",
+        "settings",
+        "writer",
+    )
 
     def __init__(
-        self, engine: Engine, reader: HL7StreamReader, writer: HL7StreamWriter, loop: asyncio.AbstractEventLoop
+        self,
+        engine: Engine,
+        reader: HL7StreamReader,
+        writer: HL7StreamWriter,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
     ) -> None:
         self.engine = engine
         self.settings = engine.settings
@@ -233,10 +263,12 @@ class Session:
         self.reader = reader
         self.writer = writer
         self.loop = loop
+        self.host = host  # the peer's address, for the per-peer connection count
         self.peer = _peer_name(writer.get_extra_info("peername"))
         self._deframer = framing.Deframer(self.settings.framing, self.settings.max_message_size)
-        self._pending: deque[Reply] = deque()
-        self._deviations: set[str] = set()
+        # Replies in arrival order; rarely more than max_in_flight, so pop(0) costs little.
+        self._pending: list[Reply] = []
+        self._deviations: tuple[str, ...] = ()
         self._last_activity = loop.time()
         self._frame_started: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -511,11 +543,11 @@ class Session:
             if isinstance(head, asyncio.Future):
                 if not head.done():
                     return
-                pending.popleft()
+                pending.pop(0)
                 if not head.cancelled():
                     self._send(head.result())
             else:
-                pending.popleft()
+                pending.pop(0)
                 self._send(head)
 
     async def _wait_for_head(self, timeout: float | None = None) -> None:
@@ -543,7 +575,7 @@ class Session:
 
     def _note_deviation(self, kind: str, offset: int) -> None:
         if kind not in self._deviations:
-            self._deviations.add(kind)
+            self._deviations += (kind,)
             log.warning("%s: framing deviation tolerated: %s at byte %d", self.peer, kind, offset)
 
     def _track_frame(self, finished: bool) -> None:
