@@ -1,36 +1,48 @@
 """The code in the documentation is checked here, so that the guide cannot rot.
 
 Every code block of MIGRATION.md, README.md and docs/ (```LANGUAGE fences of the
-Markdown files, ``.. code-block:: LANGUAGE`` of the reStructuredText ones) is in
-one of the LANGUAGES below. Every ``python`` block is compiled, and whatever it
-imports from hl7bridge must exist. The ``python`` blocks of MIGRATION.md and
-README.md and every ``sh`` block are run, as a rule below says; a block that no
-rule covers fails the suite. The ``python`` blocks of docs/ run when a rule covers
-them, and are compiled only otherwise. Each step of a run is bounded by a 60 s
-timeout.
+Markdown files, ``.. code-block:: LANGUAGE`` of the reStructuredText ones) must be
+in one of LANGUAGES: ``python``, ``sh``, ``ini`` (the pytest.ini of docs/testing.rst,
+which configures every pytest run here) or ``text`` (diagrams and output). A
+reStructuredText literal block (``::``) that holds a command fails: it would not be
+run. Every ``python`` block is compiled, and whatever it imports from hl7bridge
+must exist.
+
+Every ``sh`` block is run, command by command, and every ``python`` block of
+MIGRATION.md and README.md, each as the first rule that matches says: COMMANDS for
+a command (matched in full, its comment from `` # `` on left out), PYTHON_RULES
+for a python block (matched against its first line). A block or command that no
+rule covers fails; a rule may say why it does not run (``check`` None). The
+``python`` blocks of docs/ run when a rule covers them, and are compiled only
+otherwise. The blocks run side by side, four at a time, each step bounded by a
+60 s timeout.
 
 Where a block runs
     In a folder of its own, its project: examples/migration's interface
     (``myinterface``); ``service.tac``, a copy of its ``stage0.tac`` (the service
     as it runs before the migration); ``tests/samples.py`` with ``ADMISSIONS``, the
-    made-up ADT^A01 messages below, addressed to that interface; a copy of
-    ``examples/side_by_side.py``; and every file that a block above it in the same
-    document stands for, later blocks replacing earlier ones. The project and the
-    checkout (where twistd finds hl7bridge's plugin) are on PYTHONPATH, and this
-    interpreter's bin folder comes first on PATH.
+    made-up ADT^A01 messages below, addressed to that interface, and the same
+    messages as ``admissions/*.hl7``; a copy of ``examples/side_by_side.py``; and
+    every file that a block above it in the same document stands for, later blocks
+    replacing earlier ones. The project and the checkout (where twistd finds
+    hl7bridge's plugin) are on PYTHONPATH, and this interpreter's bin folder is
+    first on PATH. Commands run in ``sh``.
 
 What changes, mechanically, in a block and in its project's files
-    Each documented port (PORTS) becomes a free port, a ``tcp:PORT`` endpoint gets
-    ``:interface=127.0.0.1``, and ``"0.0.0.0"`` becomes ``"127.0.0.1"``; ``/tmp/``
-    becomes the project folder and ``.venv/bin/`` this interpreter's bin folder.
+    Each documented port (PORTS) becomes a free port; a ``tcp:PORT`` endpoint gets
+    ``:interface=127.0.0.1`` and ``"0.0.0.0"`` becomes ``"127.0.0.1"`` (a script's
+    ``listenTCP(PORT, ...)`` still listens on every interface); ``/tmp/`` becomes
+    the project folder and ``.venv/bin/`` this interpreter's bin folder.
 
 A service
-    is started, sent a made-up ADT^A01 on each MLLP port that its command or the
-    file it runs names (retrying until it listens), and must answer each with AA;
-    a metrics port must serve ``/metrics``. It is then stopped with SIGTERM, and
-    must not have printed a traceback.
+    is started, is sent a made-up ADT^A01 on each MLLP port that its command, or a
+    file of the project that the command names, mentions (retrying until it
+    listens), and must answer each with AA; a metrics port must serve
+    ``/metrics``. It is then stopped with SIGTERM, and must not have printed a
+    traceback. ``make run``, ``mllp_send`` and ``hl7bridge send`` run against the
+    ``hl7bridge serve`` command that ``make -n run`` prints.
 
-``python`` blocks, by their first line (PYTHON_RULES):
+``python`` blocks, by their first line:
 
 ``# doctest: run``
     A script; it must exit with status 0.
@@ -47,13 +59,13 @@ A service
     with status 0 and print both ACKs.
 ``# PATH`` (``# myinterface/routing.py``)
     The block stands for that file of the reader's project; it runs imported as
-    its module, and by the blocks below it that use it.
+    its module, and in the blocks below it that use it.
 ``# tests/test_NAME.py (pytest --reactor=asyncio)``
-    A test module of the project; pytest runs it as for ``# doctest: pytest``.
+    A test module of the project; pytest runs it as a ``# doctest: pytest`` block.
 ``# tests/test_NAME.py: plain pytest, no plugin needed``
     The same, with no pytest plugin, and Twisted, txHL7 and hl7bridge unimportable.
 ``# FILE: COMMAND`` (``# service.py: python service.py``)
-    The block stands for FILE, and COMMAND runs as a shell command would.
+    The block stands for FILE, and COMMAND runs it as a shell block's would.
 ``# Before: ...``
     Code the guide shows in order to replace it: compiled only.
 
@@ -61,15 +73,12 @@ A service
 ``twisted``, ``txHL7`` and ``hl7bridge`` unimportable in that subprocess. A
 ``# doctest:`` block whose docstring starts with a file name
 (``\"\"\"admissions_service.py: ...``) also stands for that file.
-
-``sh`` blocks: each line is a command, run in order in the block's project, as
-the first rule of COMMANDS whose pattern it matches in full (its `` # comment``
-left out) says.
 """
 
 from __future__ import annotations
 
 import ast
+import configparser
 import contextlib
 import dataclasses
 import importlib
@@ -86,6 +95,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -393,10 +403,19 @@ def send_one(host: str, port: int, control_id: str) -> str:
     return reply.strip(b"\x0b\x1c\r").decode()
 
 
+HANDED_OUT: set[int] = set()  # blocks run side by side: no port twice
+HANDING_OUT = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        with HANDING_OUT:
+            if port not in HANDED_OUT:
+                HANDED_OUT.add(port)
+                return port
 
 
 # The project a block runs in
@@ -480,6 +499,8 @@ def project_for(block: Block, folder: Path) -> Project:
     project.write("examples/side_by_side.py", (ROOT / "examples" / "side_by_side.py").read_text(encoding="utf-8"))
     project.write("tests/__init__.py", "")
     project.write("tests/samples.py", f'"""Made-up admissions."""\n\nADMISSIONS = {ADMISSIONS!r}\n')
+    for text in ADMISSIONS:
+        project.write(f"admissions/{text.split('|')[9]}.hl7", text)
     for earlier in BLOCKS:
         name = stands_for(earlier)
         if name and earlier.path == block.path and earlier.line < block.line:
@@ -572,6 +593,20 @@ def make_test(project: Project, line: str) -> None:
     assert re.fullmatch(r"\S*python -m pytest.*", make_dry_run("test"))
 
 
+def make_docs(project: Project, line: str) -> None:
+    assert re.fullmatch(r"\S*python -m sphinx -W .*-b html docs docs/_build/html", make_dry_run("docs"))
+
+
+def pip_install(project: Project, line: str) -> None:
+    """What would be installed exists: the checkout, and each extra named in setup.cfg."""
+    target = re.fullmatch(r"python3 -m pip install (-e )?'?\.(\[(?P<extras>[\w,]+)\])?'?", line)
+    assert target, line
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg", encoding="utf-8")
+    known = set(setup["options.extras_require"])
+    assert set((target["extras"] or "").split(",")) - {""} <= known, f"{line!r}: the extras are {sorted(known)}"
+
+
 def run_to_end(project: Project, line: str) -> None:
     project.shell(line)
 
@@ -585,6 +620,13 @@ def mllp_send(project: Project, line: str) -> None:
     assert f"MSA|AA|{control_id}" in result.stdout, result.stdout
 
 
+def hl7bridge_send(project: Project, line: str) -> None:
+    with serving(project, make_run_command()):
+        result = project.shell(line)  # its exit status is 0 only when every message is accepted
+    for text in ADMISSIONS:
+        assert f"MSA|AA|{text.split('|')[9]}" in result.stdout, result.stdout
+
+
 def side_by_side_once(project: Project, line: str) -> None:
     printed = project.shell(line).stdout
     assert len(re.findall(r"^[\w.]+: AA for ", printed, re.MULTILINE)) == 3, printed
@@ -594,12 +636,22 @@ def side_by_side_once(project: Project, line: str) -> None:
 class Rule:
     pattern: str
     how: str
-    check: Callable[[Project, str], None]
+    check: Callable[[Project, str], None] | None  # None: not run, for the reason ``how`` gives
 
 
 COMMANDS = (
     Rule(r"make run", "`make -n run` must print an `hl7bridge serve` command; that runs as a service", make_run),
     Rule(r"make test", "`make -n test` must print a `python -m pytest` command (the suite runs it)", make_test),
+    Rule(
+        r"make docs",
+        "`make -n docs` must print a Sphinx build (test_sphinx_builds_without_warnings runs it)",
+        make_docs,
+    ),
+    Rule(
+        r"python3 -m pip install .*",
+        "not run (it installs); the extras it names must be in setup.cfg (`make install` installs the suite's)",
+        pip_install,
+    ),
     Rule(r"printf '[^']*' > /tmp/[\w.-]+", "run by sh", run_to_end),
     Rule(
         r"(\.venv/bin/)?mllp_send .*",
@@ -607,6 +659,12 @@ COMMANDS = (
         mllp_send,
     ),
     Rule(r"(twistd|hl7bridge serve) .*", "a service", service),
+    Rule(r"hl7bridge send .* --cafile .*", "not run: it needs a TLS listener, certificates and a host name", None),
+    Rule(
+        r"hl7bridge send -p 2575 127\.0\.0\.1 admissions/\*\.hl7",
+        "run by sh against what `make run` serves, with ADMISSIONS as admissions/*.hl7; each must get AA",
+        hl7bridge_send,
+    ),
     Rule(r"python examples/side_by_side\.py --once", "run by sh; each listener must answer AA", side_by_side_once),
     Rule(r"python [\w./-]+\.py", "a service, on the ports the script names", service),
     Rule(r"python -c .*", "run by sh; it must exit with status 0", run_to_end),
@@ -614,26 +672,60 @@ COMMANDS = (
 
 
 def commands(block: Block) -> list[str]:
-    """The commands of a shell block, one per line."""
-    return [line.strip() for line in block.text.split("\n") if line.strip() and not line.strip().startswith("#")]
+    """The commands of a shell block, one per line, without their comments (from `` # `` on)."""
+    lines = [re.sub(r"(^|\s+)#(\s.*)?$", "", line).strip() for line in block.text.split("\n")]
+    return [line for line in lines if line]
 
 
 def rule_for(line: str) -> Rule | None:
-    without_comment = re.sub(r"\s+#\s.*$", "", line)
-    return next((rule for rule in COMMANDS if re.fullmatch(rule.pattern, without_comment)), None)
+    return next((rule for rule in COMMANDS if re.fullmatch(rule.pattern, line)), None)
 
 
 @pytest.mark.parametrize("block", SHELL_BLOCKS, ids=lambda block: block.id)
-def test_shell_block_runs(block: Block, tmp_path: Path) -> None:
-    lines = commands(block)
-    assert lines
-    missing = [line for line in lines if rule_for(line) is None]
+def test_every_shell_command_has_a_rule(block: Block) -> None:
+    assert commands(block)
+    missing = [line for line in commands(block) if rule_for(line) is None]
     assert missing == [], f"no rule in COMMANDS says how to run {missing}"
-    project = project_for(block, tmp_path)
-    for line in lines:
-        rule = rule_for(line)
-        assert rule is not None
-        rule.check(project, line)
+
+
+def checked(block: Block) -> list[tuple[str, Callable[[Project, str], None]]]:
+    """The commands of a shell block that something is checked for, each with its check."""
+    return [(line, rule.check) for line in commands(block) if (rule := rule_for(line)) and rule.check]
+
+
+def run_shell_block(block: Block, folder: Path) -> None:
+    project = project_for(block, folder)
+    for line, check in checked(block):
+        check(project, line)
+
+
+@pytest.mark.parametrize("block", [block for block in SHELL_BLOCKS if checked(block)], ids=lambda block: block.id)
+def test_shell_block_runs(block: Block, ran: dict[str, Exception | None]) -> None:
+    failure = ran[block.id]
+    if failure is not None:
+        raise failure
+
+
+def rst_literal_blocks(path: Path) -> list[Block]:
+    """The literal blocks (a paragraph ending in ``::``, then indented lines) of a reStructuredText file."""
+    found = []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines):
+        if not line.rstrip().endswith("::") or line.lstrip().startswith(".. "):
+            continue
+        end = number + 1
+        while end < len(lines) and (not lines[end].strip() or lines[end].startswith((" ", "\t"))):
+            end += 1
+        body = textwrap.dedent("\n".join(lines[number + 1 : end])).strip("\n") + "\n"
+        found.append(Block(path.relative_to(ROOT).as_posix(), number + 3, body, "literal"))
+    return found
+
+
+@pytest.mark.parametrize("path", [path for path in documented_files() if path.suffix == ".rst"], ids=lambda p: p.name)
+def test_no_command_hides_in_a_literal_block(path: Path) -> None:
+    """A ``::`` block is not run: a command there must be a ``.. code-block:: sh`` instead."""
+    hidden = [f"{block.id}: {line}" for block in rst_literal_blocks(path) for line in commands(block) if rule_for(line)]
+    assert hidden == []
 
 
 # Python blocks
@@ -742,7 +834,7 @@ def run_file_command(block: Block, project: Project) -> None:
     line = block.first_line.split(": ", 1)[1]
     assert name in shlex.split(line), f"{line!r} should run {name}"
     rule = rule_for(line)
-    assert rule is not None, f"no rule in COMMANDS says how to run {line!r}"
+    assert rule is not None and rule.check is not None, f"no rule in COMMANDS runs {line!r}"
     rule.check(project, line)
 
 
@@ -788,11 +880,48 @@ def test_every_python_block_of_the_guide_and_the_readme_is_run() -> None:
 RUNNABLE = [block for block in BLOCKS if (rule := python_rule_for(block)) is not None and rule.check is not None]
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=lambda block: block.id)
-def test_runnable_block_runs(block: Block, tmp_path: Path) -> None:
+def run_python_block(block: Block, folder: Path) -> None:
     rule = python_rule_for(block)
     assert rule is not None and rule.check is not None
-    rule.check(block, project_for(block, tmp_path))
+    rule.check(block, project_for(block, folder))
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=lambda block: block.id)
+def test_runnable_block_runs(block: Block, ran: dict[str, Exception | None]) -> None:
+    failure = ran[block.id]
+    if failure is not None:
+        raise failure
+
+
+@pytest.fixture(scope="module")
+def ran(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exception | None]:
+    """The blocks that the session's tests of this module run, run side by side: each one's failure, or None.
+
+    A block's run mostly waits (for processes to start, for services to answer),
+    so four at a time take about half the time that one at a time takes.
+    """
+    runs = {"test_runnable_block_runs": run_python_block, "test_shell_block_runs": run_shell_block}
+    chosen: list[tuple[Block, Callable[[Block, Path], None]]] = []
+    for item in request.session.items:
+        if isinstance(item, pytest.Function) and item.module is sys.modules[__name__] and item.originalname in runs:
+            block = item.callspec.params["block"]
+            assert isinstance(block, Block)
+            chosen.append((block, runs[item.originalname]))
+
+    # Made here, not in the threads: pytest makes its base folder on first use, and that is not thread-safe.
+    folders = [tmp_path_factory.mktemp(re.sub(r"\W", "_", block.id)) for block, _ in chosen]
+
+    def outcome(block: Block, run: Callable[[Block, Path], None], folder: Path) -> Exception | None:
+        try:
+            run(block, folder)
+        except Exception as failure:  # raised again by the block's own test
+            return failure
+        return None
+
+    blocks, runners = zip(*chosen, strict=True) if chosen else ((), ())
+    with ThreadPoolExecutor(4) as pool:
+        failures = list(pool.map(outcome, blocks, runners, folders))
+    return {block.id: failure for block, failure in zip(blocks, failures, strict=True)}
 
 
 def test_examples_have_the_code_the_guide_says_they_have() -> None:
