@@ -1,15 +1,54 @@
 """The code in the documentation is checked here, so that the guide cannot rot.
 
-Every ```python block of MIGRATION.md, README.md and docs/*.md, and every
-``.. code-block:: python`` of docs/*.rst, is compiled, and whatever it imports
-from hl7bridge must exist. A block whose first line is a marker comment is
-also run, in a subprocess of its own, each step bounded by a 60 s timeout:
+Every code block of MIGRATION.md, README.md and docs/ (```LANGUAGE fences of the
+Markdown files, ``.. code-block:: LANGUAGE`` of the reStructuredText ones) must be
+in one of LANGUAGES: ``python``, ``sh``, ``ini`` (the pytest.ini of docs/testing.rst,
+which configures every pytest run here) or ``text`` (diagrams and output). A
+reStructuredText literal block (``::``) that holds a command fails: it would not be
+run. Every ``python`` block is compiled, and whatever it imports from hl7bridge
+must exist.
+
+Every ``sh`` block is run, command by command, and every ``python`` block of
+MIGRATION.md and README.md, each as the first rule that matches says: COMMANDS for
+a command (matched in full, its comment from `` # `` on left out), PYTHON_RULES
+for a python block (matched against its first line). A block or command that no
+rule covers fails; a rule may say why it does not run (``check`` None). The
+``python`` blocks of docs/ run when a rule covers them, and are compiled only
+otherwise. The blocks run side by side, four at a time, each step bounded by a
+60 s timeout.
+
+Where a block runs
+    In a folder of its own, its project: examples/migration's interface
+    (``myinterface``); ``service.tac``, a copy of its ``stage0.tac`` (the service
+    as it runs before the migration); ``tests/samples.py`` with ``ADMISSIONS``, the
+    made-up ADT^A01 messages below, addressed to that interface, and the same
+    messages as ``admissions/*.hl7``; a copy of ``examples/side_by_side.py``; and
+    every file that a block above it in the same document stands for, later blocks
+    replacing earlier ones. The project and the checkout (where twistd finds
+    hl7bridge's plugin) are on PYTHONPATH, and this interpreter's bin folder is
+    first on PATH. Commands run in ``sh``.
+
+What changes, mechanically, in a block and in its project's files
+    Each documented port (PORTS) becomes a free port; a ``tcp:PORT`` endpoint gets
+    ``:interface=127.0.0.1`` and ``"0.0.0.0"`` becomes ``"127.0.0.1"`` (a script's
+    ``listenTCP(PORT, ...)`` still listens on every interface); ``/tmp/`` becomes
+    the project folder and ``.venv/bin/`` this interpreter's bin folder.
+
+A service
+    is started, is sent a made-up ADT^A01 on each MLLP port that its command, or a
+    file of the project that the command names, mentions (retrying until it
+    listens), and must answer each with AA; a metrics port must serve
+    ``/metrics``. It is then stopped with SIGTERM, and must not have printed a
+    traceback. ``make run``, ``mllp_send`` and ``hl7bridge send`` run against the
+    ``hl7bridge serve`` command that ``make -n run`` prints.
+
+``python`` blocks, by their first line:
 
 ``# doctest: run``
-    A script; it must exit with status 0. It listens, if at all, on port 0.
+    A script; it must exit with status 0.
 ``# doctest: pytest``
-    A test module; pytest runs it with ``--reactor=asyncio`` (set in a
-    ``pytest.ini`` next to it), as a project using ``hl7bridge.testing`` does.
+    A test module; pytest runs it with the ``pytest.ini`` of docs/testing.rst
+    (``--reactor=asyncio``), as a project using ``hl7bridge.testing`` does.
 ``# doctest: serve``
     A service that listens until stopped. It is started with ``MLLP_PORT=0``,
     must print ``listening on HOST:PORT``, must answer a made-up ADT^A01 with
@@ -18,19 +57,35 @@ also run, in a subprocess of its own, each step bounded by a 60 s timeout:
     A script run as ``script HOST PORT FOLDER`` against ``hl7bridge serve``
     (the logging receiver), with a folder of two made-up messages; it must exit
     with status 0 and print both ACKs.
+``# PATH`` (``# myinterface/routing.py``)
+    The block stands for that file of the reader's project; it runs imported as
+    its module, and in the blocks below it that use it.
+``# tests/test_NAME.py (pytest --reactor=asyncio)``
+    A test module of the project; pytest runs it as a ``# doctest: pytest`` block.
+``# tests/test_NAME.py: plain pytest, no plugin needed``
+    The same, with no pytest plugin, and Twisted, txHL7 and hl7bridge unimportable.
+``# FILE: COMMAND`` (``# service.py: python service.py``)
+    The block stands for FILE, and COMMAND runs it as a shell block's would.
+``# Before: ...``
+    Code the guide shows in order to replace it: compiled only.
 
-``no-twisted`` after the marker (``# doctest: serve no-twisted``) makes
-``twisted``, ``txHL7`` and ``hl7bridge`` unimportable in that subprocess.
+``no-twisted`` after a ``# doctest:`` mode (``# doctest: serve no-twisted``) makes
+``twisted``, ``txHL7`` and ``hl7bridge`` unimportable in that subprocess. A
+``# doctest:`` block whose docstring starts with a file name
+(``\"\"\"admissions_service.py: ...``) also stands for that file.
 """
 
 from __future__ import annotations
 
 import ast
+import configparser
+import contextlib
 import dataclasses
 import importlib
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -38,6 +93,9 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -45,6 +103,8 @@ from typing import IO, Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "migration"
+BIN = Path(sys.executable).parent
 TIMEOUT = 60
 
 MARKER = re.compile(r"#\s*doctest:\s*(?P<mode>\S+)(?P<flags>[^\n]*)")
@@ -52,14 +112,32 @@ MODES = ("run", "pytest", "serve", "client")
 FLAGS = ("no-twisted",)
 BLOCKED_BY_NO_TWISTED = ("twisted", "txHL7", "hl7bridge")
 
-# A fence or directive whose language looks like Python but is spelled in a way
-# the extractors below would not pick up.
-PYTHON_LIKE = {"py", "py3", "python3", "pycon", "ipython", "Python"}
+# The languages a block may be written in, and what is done with each.
+LANGUAGES = {
+    "python": "compiled; run as PYTHON_RULES says",
+    "sh": "run as COMMANDS says",
+    "ini": "the pytest.ini of every pytest run here",
+    "text": "not code (diagrams, output): not run",
+    "{include}": "MyST's include directive (docs/migration.md)",
+}
+MUST_RUN = ("MIGRATION.md", "README.md")  # where a python block with no rule fails
+
+# The ports the documents listen on: each is replaced by a free one, and checked.
+PORTS = {"2575": "mllp", "2576": "mllp", "2577": "mllp", "9102": "metrics"}
 
 MESSAGE = (
     "MSH|^~\\&|DOCSEND|TESTFAC|DOCRECV|TESTFAC|20240101120000||ADT^A01^ADT_A01|{id}|P|2.5\r"
     "PID|1||000000^^^TEST||TESTPATIENT^ALPHA\r"
 )
+
+# tests.samples.ADMISSIONS of every project: "your sample messages, as text". They
+# are addressed to the example interface (MSH-5, MSH-6), so that an ACK built by
+# create_ack names the interface as its receiver's ACKs do.
+ADMISSIONS = [
+    f"MSH|^~\\&|SENDER|WARD|MYINTERFACE|EXAMPLE|20240101120000||ADT^A01^ADT_A01|DOCSAMPLE{number}|P|2.5\r"
+    f"PID|1||00000{number}^^^TEST||TESTPATIENT^{name}\r"
+    for number, name in ((1, "ALPHA"), (2, "BRAVO"))
+]
 
 
 @dataclass(frozen=True)
@@ -67,22 +145,26 @@ class Block:
     path: str
     line: int
     text: str
+    language: str = "python"
 
     @property
     def id(self) -> str:
         return f"{self.path}:{self.line}"
 
     @property
+    def first_line(self) -> str:
+        return self.text.lstrip("\n").split("\n", 1)[0].strip()
+
+    @property
     def marker(self) -> tuple[str, tuple[str, ...]] | None:
-        first = self.text.lstrip("\n").split("\n", 1)[0]
-        found = MARKER.fullmatch(first.strip())
+        found = MARKER.fullmatch(self.first_line)
         if found is None:
             return None
         return found.group("mode"), tuple(found.group("flags").split())
 
 
 def markdown_blocks(path: Path) -> list[Block]:
-    """The ```python fences of a Markdown file (indented ones too, as in list items)."""
+    """The fenced blocks of a Markdown file (indented ones too, as in list items)."""
     found = []
     lines = path.read_text(encoding="utf-8").split("\n")
     number = 0
@@ -95,20 +177,20 @@ def markdown_blocks(path: Path) -> list[Block]:
         end = number + 1
         while end < len(lines) and not re.fullmatch(r"[ \t]*" + re.escape(fence) + r"[ \t]*", lines[end]):
             end += 1
-        language = info.split()[0] if info else ""
-        if language == "python":
-            body = textwrap.dedent("\n".join(lines[number + 1 : end]))
-            found.append(Block(path.relative_to(ROOT).as_posix(), number + 2, body))
+        body = textwrap.dedent("\n".join(lines[number + 1 : end]))
+        found.append(Block(path.relative_to(ROOT).as_posix(), number + 2, body, info.split()[0] if info else ""))
         number = end + 1
     return found
 
 
 def rst_blocks(path: Path) -> list[Block]:
-    """The ``.. code-block:: python`` directives of a reStructuredText file."""
+    """The ``.. code-block:: LANGUAGE`` directives of a reStructuredText file."""
     found = []
     lines = path.read_text(encoding="utf-8").split("\n")
     for number, line in enumerate(lines):
-        directive = re.fullmatch(r"(?P<indent>[ \t]*)\.\. (code-block|code|sourcecode)::[ \t]*python[ \t]*", line)
+        directive = re.fullmatch(
+            r"(?P<indent>[ \t]*)\.\. (code-block|code|sourcecode)::[ \t]*(?P<language>\S*)[ \t]*", line
+        )
         if directive is None:
             continue
         indent = len(directive.group("indent"))
@@ -123,7 +205,7 @@ def rst_blocks(path: Path) -> list[Block]:
                 break
             end += 1
         body = textwrap.dedent("\n".join(lines[body_start:end])).strip("\n") + "\n"
-        found.append(Block(path.relative_to(ROOT).as_posix(), body_start + 1, body))
+        found.append(Block(path.relative_to(ROOT).as_posix(), body_start + 1, body, directive.group("language")))
     return found
 
 
@@ -139,8 +221,11 @@ def all_blocks() -> list[Block]:
     return blocks
 
 
-BLOCKS = all_blocks()
-RUNNABLE = [block for block in BLOCKS if block.marker is not None]
+EVERY_BLOCK = all_blocks()
+BLOCKS = [block for block in EVERY_BLOCK if block.language == "python"]
+SHELL_BLOCKS = [block for block in EVERY_BLOCK if block.language == "sh"]
+INI_BLOCKS = [block for block in EVERY_BLOCK if block.language == "ini"]
+PYTEST_INI = next(block.text for block in INI_BLOCKS if block.text.startswith("[pytest]"))
 
 
 def test_blocks_are_found_where_expected() -> None:
@@ -151,19 +236,23 @@ def test_blocks_are_found_where_expected() -> None:
     assert per_file["README.md"] >= 1, per_file
     for page in ("docs/handlers.rst", "docs/testing.rst", "docs/quickstart.rst"):
         assert per_file[page] >= 1, per_file
-    modes = {block.marker[0] for block in RUNNABLE if block.marker}
+    assert {block.path for block in SHELL_BLOCKS} >= {"MIGRATION.md", "README.md", "docs/quickstart.rst"}
+    modes = {block.marker[0] for block in BLOCKS if block.marker}
     assert modes == set(MODES), f"every kind of runnable block should be used at least once: {modes}"
 
 
 @pytest.mark.parametrize("path", documented_files(), ids=lambda path: path.name)
-def test_no_python_block_escapes_the_checks(path: Path) -> None:
-    """A block written as ```py or ``.. code-block:: python3`` would not be checked: spell it python."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".md":
-        languages = re.findall(r"^[ \t]*(?:```+|~~~+)[ \t]*([^\s`]+)", text, re.MULTILINE)
-    else:
-        languages = re.findall(r"^[ \t]*\.\. (?:code-block|code|sourcecode)::[ \t]*(\S+)", text, re.MULTILINE)
-    assert not PYTHON_LIKE & set(languages)
+def test_every_block_is_in_a_language_that_is_checked(path: Path) -> None:
+    """A block written as ```py, ```bash or with no language would escape the checks."""
+    blocks = markdown_blocks(path) if path.suffix == ".md" else rst_blocks(path)
+    unknown = [f"{block.id} {block.language!r}" for block in blocks if block.language not in LANGUAGES]
+    assert unknown == [], f"spell the language as one of {sorted(LANGUAGES)}"
+
+
+def test_the_ini_block_is_the_pytest_configuration_used_here() -> None:
+    """docs/testing.rst's pytest.ini is the configuration of every pytest run below: no other ini block."""
+    assert [block.text for block in INI_BLOCKS] == [PYTEST_INI]
+    assert re.search(r"^addopts = --reactor=asyncio$", PYTEST_INI, re.MULTILINE)
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda block: block.id)
@@ -200,7 +289,7 @@ def test_block_uses_only_names_hl7bridge_has(block: Block) -> None:
         importlib.import_module(f"{module_name}.{name}")
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=lambda block: block.id)
+@pytest.mark.parametrize("block", [block for block in BLOCKS if block.marker], ids=lambda block: block.id)
 def test_marker_is_known(block: Block) -> None:
     assert block.marker is not None
     mode, flags = block.marker
@@ -208,7 +297,7 @@ def test_marker_is_known(block: Block) -> None:
     assert set(flags) <= set(FLAGS), f"unknown flags {flags}; known: {FLAGS}"
 
 
-# Running the blocks
+# Subprocesses
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -221,18 +310,21 @@ BOOTSTRAP = """
 import runpy, sys
 for name in sys.argv[2].split(",") if sys.argv[2] else ():
     sys.modules[name] = None  # importing it now fails
-script = sys.argv[1]
-sys.argv = [script, *sys.argv[3:]]
-runpy.run_path(script, run_name="__main__")
+target = sys.argv[1]
+sys.argv = [target, *sys.argv[3:]]
+if target.endswith(".py"):
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
 """
 
 
-def python_without(blocked: tuple[str, ...], script: Path, *args: str) -> list[str]:
-    """The command that runs ``script`` as __main__ with the ``blocked`` modules unimportable."""
+def python_without(blocked: tuple[str, ...], script: Path | str, *args: str) -> list[str]:
+    """The command that runs ``script`` (a file, or a module's name) as __main__ with ``blocked`` unimportable."""
     return [sys.executable, "-c", BOOTSTRAP, str(script), ",".join(blocked), *args]
 
 
-def command(block: Block, script: Path, *args: str) -> list[str]:
+def command(block: Block, script: Path | str, *args: str) -> list[str]:
     """Run ``script`` as __main__, with Twisted and hl7bridge blocked if the block asks."""
     assert block.marker is not None
     return python_without(BLOCKED_BY_NO_TWISTED if "no-twisted" in block.marker[1] else (), script, *args)
@@ -246,6 +338,7 @@ class Lines:
         self.seen: list[str] = []
         self._stream = stream
         self._queue: queue.Queue[str | None] = queue.Queue()
+        self._ended = False  # the stream's end has been read from the queue
         self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self._thread.start()
 
@@ -262,6 +355,7 @@ class Lines:
             except queue.Empty:
                 break
             if line is None:
+                self._ended = True
                 break
             self.seen.append(line)
             found = re.search(pattern, line)
@@ -271,12 +365,13 @@ class Lines:
 
     def rest(self) -> str:
         """Everything printed, once the process has ended; the stream is closed then."""
-        while True:
+        while not self._ended:
             try:
                 line = self._queue.get(timeout=10)
             except queue.Empty:
                 break
             if line is None:
+                self._ended = True
                 break
             self.seen.append(line)
         self._thread.join(timeout=10)
@@ -308,14 +403,343 @@ def send_one(host: str, port: int, control_id: str) -> str:
     return reply.strip(b"\x0b\x1c\r").decode()
 
 
-def run_script(block: Block, tmp_path: Path) -> None:
-    script = tmp_path / "snippet.py"
-    script.write_text(block.text, encoding="utf-8")
-    result = subprocess.run(
-        command(block, script), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=TIMEOUT
+HANDED_OUT: set[int] = set()  # blocks run side by side: no port twice
+HANDING_OUT = threading.Lock()
+
+
+def free_port() -> int:
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        with HANDING_OUT:
+            if port not in HANDED_OUT:
+                HANDED_OUT.add(port)
+                return port
+
+
+# The project a block runs in
+
+
+@dataclass
+class Project:
+    """A block's folder (see the module's docstring), and the free ports that stand for PORTS."""
+
+    folder: Path
+    ports: dict[str, int]
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)  # what each file said before relocation
+
+    def relocate(self, text: str) -> str:
+        """``text`` as it runs here: the substitutions of the module's docstring."""
+        text = re.sub(r"\b(" + "|".join(PORTS) + r")\b", lambda found: str(self.ports[found.group(1)]), text)
+
+        def on_loopback(found: re.Match[str]) -> str:
+            endpoint = found.group(0)
+            if "interface=" in endpoint:
+                return endpoint
+            return re.sub(r"^tcp:\d+", r"\g<0>:interface=127.0.0.1", endpoint)
+
+        text = re.sub(r"\btcp:\d+[^\s\"'`]*", on_loopback, text)
+        text = text.replace('"0.0.0.0"', '"127.0.0.1"')
+        text = re.sub(r"(?<![\w./-])/tmp/", f"{self.folder}/", text)
+        return re.sub(r"(?<![\w./-])\.venv/bin/", f"{BIN}/", text)
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.relocate(text), encoding="utf-8")
+        self.sources[name] = text
+        return path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return environment(
+            PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+            PYTHONPATH=os.pathsep.join([str(self.folder), str(ROOT)]),
+            **extra,
+        )
+
+    def run(self, argv: list[str], **extra: str) -> subprocess.CompletedProcess[str]:
+        """``argv``, run to its end in the project; it must exit with status 0 and print no traceback."""
+        result = subprocess.run(
+            argv, cwd=self.folder, env=self.env(**extra), capture_output=True, text=True, timeout=TIMEOUT
+        )
+        assert result.returncode == 0, f"{argv[-1]!r} failed:\n{result.stdout}\n{result.stderr}"
+        assert "Traceback" not in result.stderr, result.stderr
+        return result
+
+    def shell(self, line: str) -> subprocess.CompletedProcess[str]:
+        return self.run(["sh", "-c", self.relocate(line)])
+
+    def ports_named(self, line: str) -> list[str]:
+        """The documented ports that ``line``, or a file of the project that it names, mentions."""
+        texts = [line, *(self.sources.get(word, "") for word in shlex.split(line, comments=True))]
+        return [port for port in PORTS if any(re.search(rf"\b{port}\b", text) for text in texts)]
+
+
+def stands_for(block: Block) -> str | None:
+    """The file of the reader's project that a python block is, if it names one."""
+    if block.language != "python":
+        return None
+    named = re.fullmatch(r"# (?P<file>[\w.-]+(/[\w.-]+)*\.(py|tac))(: .*| \(.*\))?", block.first_line)
+    if named:
+        return named.group("file")
+    if block.marker:
+        docstring = ast.get_docstring(ast.parse(block.text)) or ""
+        named = re.match(r"(?P<file>[\w.-]+\.py): ", docstring)
+        return named.group("file") if named else None
+    return None
+
+
+def project_for(block: Block, folder: Path) -> Project:
+    """The project of ``block``: see the module's docstring."""
+    project = Project(folder, {port: free_port() for port in PORTS})
+    for source in sorted((EXAMPLES / "myinterface").rglob("*.py")):
+        project.write(source.relative_to(EXAMPLES).as_posix(), source.read_text(encoding="utf-8"))
+    project.write("service.tac", (EXAMPLES / "stage0.tac").read_text(encoding="utf-8"))
+    project.write("examples/side_by_side.py", (ROOT / "examples" / "side_by_side.py").read_text(encoding="utf-8"))
+    project.write("tests/__init__.py", "")
+    project.write("tests/samples.py", f'"""Made-up admissions."""\n\nADMISSIONS = {ADMISSIONS!r}\n')
+    for text in ADMISSIONS:
+        project.write(f"admissions/{text.split('|')[9]}.hl7", text)
+    for earlier in BLOCKS:
+        name = stands_for(earlier)
+        if name and earlier.path == block.path and earlier.line < block.line:
+            project.write(name, earlier.text)
+    return project
+
+
+# Services
+
+
+def answer(process: subprocess.Popen[str], port: int, control_id: str) -> str:
+    """The ACK of a made-up message sent to ``port``, once the process listens there."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return send_one("127.0.0.1", port, control_id)
+        except ConnectionRefusedError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"nothing answered on port {port}") from None
+            time.sleep(0.1)
+
+
+def check_listening(project: Project, process: subprocess.Popen[str], ports: list[str]) -> None:
+    """Each MLLP port answers a made-up ADT^A01 with AA; each metrics port serves /metrics."""
+    mllp = [port for port in ports if PORTS[port] == "mllp"]
+    for number, port in enumerate(mllp, 1):
+        reply = answer(process, project.ports[port], f"DOCPORT{number}")
+        assert f"MSA|AA|DOCPORT{number}" in reply, reply
+    for port in ports:
+        if PORTS[port] == "metrics":
+            url = f"http://127.0.0.1:{project.ports[port]}/metrics"
+            with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+                assert "hl7bridge_messages_total" in response.read().decode()
+
+
+@contextlib.contextmanager
+def serving(project: Project, line: str) -> Iterator[None]:
+    """The shell command ``line`` as a service (see the module's docstring), while the block goes on."""
+    ports = project.ports_named(line)
+    assert ports, f"{line!r} names no documented port: add it to PORTS"
+    process = subprocess.Popen(
+        ["sh", "-c", "exec " + project.relocate(line)],
+        cwd=project.folder,
+        env=project.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    assert result.returncode == 0, f"{block.id} failed:\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
+    output = Lines(process.stdout)
+    try:
+        try:
+            check_listening(project, process, ports)
+        except (AssertionError, OSError) as error:
+            stop(process)
+            raise AssertionError(f"{line!r}: {error}\nIt printed:\n{output.rest()}") from error
+        yield
+    finally:
+        stop(process)
+        log = output.rest()
+    assert "Traceback" not in log, log
+
+
+# Shell commands
+
+
+def service(project: Project, line: str) -> None:
+    with serving(project, line):
+        pass
+
+
+def make_dry_run(target: str) -> str:
+    """The last command ``make -n TARGET`` prints in the checkout: what the target runs."""
+    env = {key: value for key, value in environment().items() if key not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    result = subprocess.run(["make", "-n", target], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def make_run_command() -> str:
+    served = re.fullmatch(r"(\S*/)?hl7bridge (?P<arguments>serve .*)", make_dry_run("run"))
+    assert served, "make run should run hl7bridge serve"
+    return "hl7bridge " + served.group("arguments")
+
+
+def make_run(project: Project, line: str) -> None:
+    service(project, make_run_command())
+
+
+def make_test(project: Project, line: str) -> None:
+    assert re.fullmatch(r"\S*python -m pytest.*", make_dry_run("test"))
+
+
+def make_docs(project: Project, line: str) -> None:
+    assert re.fullmatch(r"\S*python -m sphinx -W .*-b html docs docs/_build/html", make_dry_run("docs"))
+
+
+def pip_install(project: Project, line: str) -> None:
+    """What would be installed exists: the checkout, and each extra named in setup.cfg."""
+    target = re.fullmatch(r"python3 -m pip install (-e )?'?\.(\[(?P<extras>[\w,]+)\])?'?", line)
+    assert target, line
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg", encoding="utf-8")
+    known = set(setup["options.extras_require"])
+    assert set((target["extras"] or "").split(",")) - {""} <= known, f"{line!r}: the extras are {sorted(known)}"
+
+
+def run_to_end(project: Project, line: str) -> None:
+    project.shell(line)
+
+
+def mllp_send(project: Project, line: str) -> None:
+    words = shlex.split(project.relocate(line), comments=True)
+    sent = Path(words[words.index("-f") + 1]).read_text(encoding="utf-8")
+    control_id = sent.strip("\x0b\x1c\r\n").split("\r")[0].split("|")[9]
+    with serving(project, make_run_command()):
+        result = project.shell(line)
+    assert f"MSA|AA|{control_id}" in result.stdout, result.stdout
+
+
+def hl7bridge_send(project: Project, line: str) -> None:
+    with serving(project, make_run_command()):
+        result = project.shell(line)  # its exit status is 0 only when every message is accepted
+    for text in ADMISSIONS:
+        assert f"MSA|AA|{text.split('|')[9]}" in result.stdout, result.stdout
+
+
+def side_by_side_once(project: Project, line: str) -> None:
+    printed = project.shell(line).stdout
+    assert len(re.findall(r"^[\w.]+: AA for ", printed, re.MULTILINE)) == 3, printed
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    how: str
+    check: Callable[[Project, str], None] | None  # None: not run, for the reason ``how`` gives
+
+
+COMMANDS = (
+    Rule(r"make run", "`make -n run` must print an `hl7bridge serve` command; that runs as a service", make_run),
+    Rule(r"make test", "`make -n test` must print a `python -m pytest` command (the suite runs it)", make_test),
+    Rule(
+        r"make docs",
+        "`make -n docs` must print a Sphinx build (test_sphinx_builds_without_warnings runs it)",
+        make_docs,
+    ),
+    Rule(
+        r"python3 -m pip install .*",
+        "not run (it installs); the extras it names must be in setup.cfg (`make install` installs the suite's)",
+        pip_install,
+    ),
+    Rule(r"printf '[^']*' > /tmp/[\w.-]+", "run by sh", run_to_end),
+    Rule(
+        r"(\.venv/bin/)?mllp_send .*",
+        "run by sh against what `make run` serves; it must print the AA of the message it sends",
+        mllp_send,
+    ),
+    Rule(
+        r"hl7bridge serve .* --endpoint mtls:.*",
+        "not run: it names certificate files (test_serve_listens_on_several_endpoints_with_mutual_tls runs one)",
+        None,
+    ),
+    Rule(r"(twistd|hl7bridge serve) .*", "a service", service),
+    Rule(r"hl7bridge send .* --cafile .*", "not run: it needs a TLS listener, certificates and a host name", None),
+    Rule(
+        r"hl7bridge send -p 2575 127\.0\.0\.1 admissions/\*\.hl7",
+        "run by sh against what `make run` serves, with ADMISSIONS as admissions/*.hl7; each must get AA",
+        hl7bridge_send,
+    ),
+    Rule(r"python examples/side_by_side\.py --once", "run by sh; each listener must answer AA", side_by_side_once),
+    Rule(r"python [\w./-]+\.py", "a service, on the ports the script names", service),
+    Rule(r"python -c .*", "run by sh; it must exit with status 0", run_to_end),
+)
+
+
+def commands(block: Block) -> list[str]:
+    """The commands of a shell block, one per line (``\\`` continues one), without their comments (`` # `` on)."""
+    text = re.sub(r"\\\n\s*", " ", block.text)
+    lines = [re.sub(r"(^|\s+)#(\s.*)?$", "", line).strip() for line in text.split("\n")]
+    return [line for line in lines if line]
+
+
+def rule_for(line: str) -> Rule | None:
+    return next((rule for rule in COMMANDS if re.fullmatch(rule.pattern, line)), None)
+
+
+@pytest.mark.parametrize("block", SHELL_BLOCKS, ids=lambda block: block.id)
+def test_every_shell_command_has_a_rule(block: Block) -> None:
+    assert commands(block)
+    missing = [line for line in commands(block) if rule_for(line) is None]
+    assert missing == [], f"no rule in COMMANDS says how to run {missing}"
+
+
+def checked(block: Block) -> list[tuple[str, Callable[[Project, str], None]]]:
+    """The commands of a shell block that something is checked for, each with its check."""
+    return [(line, rule.check) for line in commands(block) if (rule := rule_for(line)) and rule.check]
+
+
+def run_shell_block(block: Block, folder: Path) -> None:
+    project = project_for(block, folder)
+    for line, check in checked(block):
+        check(project, line)
+
+
+@pytest.mark.parametrize("block", [block for block in SHELL_BLOCKS if checked(block)], ids=lambda block: block.id)
+def test_shell_block_runs(block: Block, ran: dict[str, Exception | None]) -> None:
+    failure = ran[block.id]
+    if failure is not None:
+        raise failure
+
+
+def rst_literal_blocks(path: Path) -> list[Block]:
+    """The literal blocks (a paragraph ending in ``::``, then indented lines) of a reStructuredText file."""
+    found = []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines):
+        if not line.rstrip().endswith("::") or line.lstrip().startswith(".. "):
+            continue
+        end = number + 1
+        while end < len(lines) and (not lines[end].strip() or lines[end].startswith((" ", "\t"))):
+            end += 1
+        body = textwrap.dedent("\n".join(lines[number + 1 : end])).strip("\n") + "\n"
+        found.append(Block(path.relative_to(ROOT).as_posix(), number + 3, body, "literal"))
+    return found
+
+
+@pytest.mark.parametrize("path", [path for path in documented_files() if path.suffix == ".rst"], ids=lambda p: p.name)
+def test_no_command_hides_in_a_literal_block(path: Path) -> None:
+    """A ``::`` block is not run: a command there must be a ``.. code-block:: sh`` instead."""
+    hidden = [f"{block.id}: {line}" for block in rst_literal_blocks(path) for line in commands(block) if rule_for(line)]
+    assert hidden == []
+
+
+# Python blocks
+
+
+def run_script(block: Block, project: Project) -> None:
+    script = project.write(stands_for(block) or "snippet.py", block.text)
+    project.run(command(block, script))
 
 
 # The kit is a pytest11 entry point of the installed hl7bridge. A virtualenv
@@ -331,29 +755,26 @@ def pytest_configure(config):
 """
 
 
-def run_pytest(block: Block, tmp_path: Path) -> None:
-    (tmp_path / "test_snippet.py").write_text(block.text, encoding="utf-8")
-    (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = --reactor=asyncio -p no:cacheprovider\n")
-    (tmp_path / "conftest.py").write_text(KIT_CONFTEST, encoding="utf-8")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "test_snippet.py"],
-        cwd=tmp_path,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert result.returncode == 0, f"{block.id} failed:\n{result.stdout}\n{result.stderr}"
+def pytest_on_the_reactor(project: Project, test_file: str) -> None:
+    (project.folder / "pytest.ini").write_text(PYTEST_INI, encoding="utf-8")
+    (project.folder / "conftest.py").write_text(KIT_CONFTEST, encoding="utf-8")
+    # Hypothesis is in the suite's virtualenv, not in a project like the reader's; its plugin takes seconds to load.
+    unrelated = ["-p", "no:cacheprovider", "-p", "no:hypothesispytest"]
+    result = project.run([sys.executable, "-m", "pytest", "-q", *unrelated, test_file])
     assert re.search(r"\d+ passed", result.stdout), result.stdout
 
 
-def run_service(block: Block, tmp_path: Path) -> None:
-    script = tmp_path / "service.py"
-    script.write_text(block.text, encoding="utf-8")
+def run_pytest(block: Block, project: Project) -> None:
+    project.write("test_snippet.py", block.text)
+    pytest_on_the_reactor(project, "test_snippet.py")
+
+
+def run_service(block: Block, project: Project) -> None:
+    script = project.write(stands_for(block) or "service.py", block.text)
     process = subprocess.Popen(
         command(block, script),
-        cwd=tmp_path,
-        env=environment(MLLP_HOST="127.0.0.1", MLLP_PORT="0"),
+        cwd=project.folder,
+        env=project.env(MLLP_HOST="127.0.0.1", MLLP_PORT="0"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -369,8 +790,8 @@ def run_service(block: Block, tmp_path: Path) -> None:
     assert "Traceback" not in log, log
 
 
-def run_client(block: Block, tmp_path: Path) -> None:
-    folder = tmp_path / "messages"
+def run_client(block: Block, project: Project) -> None:
+    folder = project.folder / "messages"
     folder.mkdir()
     for number in (1, 2):
         # Files as people keep them: one message each, segments on lines of their own.
@@ -378,39 +799,160 @@ def run_client(block: Block, tmp_path: Path) -> None:
         (folder / f"adt-{number}.hl7").write_text(text, encoding="utf-8")
     server = subprocess.Popen(
         [sys.executable, "-m", "hl7bridge", "serve", "--endpoint", "tcp:0:interface=127.0.0.1"],
-        cwd=tmp_path,
-        env=environment(),
+        cwd=project.folder,
+        env=project.env(),
         stderr=subprocess.PIPE,
         text=True,
     )
     log = Lines(server.stderr)
     try:
         port = log.wait_for(r"serving \S+ on 127\.0\.0\.1:(\d+)").group(1)
-        script = tmp_path / "client.py"
-        script.write_text(block.text, encoding="utf-8")
-        result = subprocess.run(
-            command(block, script, "127.0.0.1", port, str(folder)),
-            cwd=tmp_path,
-            env=environment(),
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
+        script = project.write(stands_for(block) or "client.py", block.text)
+        result = project.run(command(block, script, "127.0.0.1", port, str(folder)))
     finally:
         stop(server)
         log.rest()
-    assert result.returncode == 0, f"{block.id} failed:\n{result.stdout}\n{result.stderr}"
     for number in (1, 2):
         assert f"MSA|AA|DOCCLIENT{number}" in result.stdout, result.stdout
 
 
-RUNNERS = {"run": run_script, "pytest": run_pytest, "serve": run_service, "client": run_client}
+def named_file(block: Block) -> str:
+    name = stands_for(block)
+    assert name is not None
+    return name
+
+
+def run_test_file(block: Block, project: Project) -> None:
+    pytest_on_the_reactor(project, str(project.write(named_file(block), block.text)))
+
+
+def run_plain_test_file(block: Block, project: Project) -> None:
+    test_file = project.write(named_file(block), block.text)
+    (project.folder / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    no_plugin = python_without(BLOCKED_BY_NO_TWISTED, "pytest", "-q", "-p", "no:cacheprovider", str(test_file))
+    result = project.run(no_plugin, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert re.search(r"\d+ passed", result.stdout), result.stdout
+
+
+def run_file_command(block: Block, project: Project) -> None:
+    name = named_file(block)
+    project.write(name, block.text)
+    line = block.first_line.split(": ", 1)[1]
+    assert name in shlex.split(line), f"{line!r} should run {name}"
+    rule = rule_for(line)
+    assert rule is not None and rule.check is not None, f"no rule in COMMANDS runs {line!r}"
+    rule.check(project, line)
+
+
+def import_file(block: Block, project: Project) -> None:
+    name = named_file(block)
+    project.write(name, block.text)
+    project.run([sys.executable, "-c", f"import {name.removesuffix('.py').replace('/', '.')}"])
+
+
+@dataclass(frozen=True)
+class PythonRule:
+    pattern: str
+    how: str
+    check: Callable[[Block, Project], None] | None  # None: compiled only
+
+
+PYTHON_RULES = (
+    PythonRule(r"# doctest: run( no-twisted)?", "a script; it must exit with status 0", run_script),
+    PythonRule(r"# doctest: pytest", "a test module; pytest runs it", run_pytest),
+    PythonRule(r"# doctest: serve( no-twisted)?", "a service on $MLLP_PORT", run_service),
+    PythonRule(r"# doctest: client( no-twisted)?", "a client of hl7bridge serve", run_client),
+    PythonRule(r"# tests/test_\w+\.py \(pytest --reactor=asyncio\)", "pytest runs it", run_test_file),
+    PythonRule(
+        r"# tests/test_\w+\.py: plain pytest, no plugin needed",
+        "pytest runs it, with no plugin and without Twisted, txHL7 or hl7bridge",
+        run_plain_test_file,
+    ),
+    PythonRule(r"# [\w.-]+\.(py|tac): .+", "the command after the colon runs it", run_file_command),
+    PythonRule(r"# \w+(/\w+)*\.py", "imported as its module", import_file),
+    PythonRule(r"# Before: .*", "compiled only: the code that the blocks after it replace", None),
+)
+
+
+def python_rule_for(block: Block) -> PythonRule | None:
+    return next((rule for rule in PYTHON_RULES if re.fullmatch(rule.pattern, block.first_line)), None)
+
+
+def test_every_python_block_of_the_guide_and_the_readme_is_run() -> None:
+    missing = [block.id for block in BLOCKS if block.path in MUST_RUN and python_rule_for(block) is None]
+    assert missing == [], "say how to run these blocks: see PYTHON_RULES"
+
+
+RUNNABLE = [block for block in BLOCKS if (rule := python_rule_for(block)) is not None and rule.check is not None]
+
+
+def run_python_block(block: Block, folder: Path) -> None:
+    rule = python_rule_for(block)
+    assert rule is not None and rule.check is not None
+    rule.check(block, project_for(block, folder))
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda block: block.id)
-def test_runnable_block_runs(block: Block, tmp_path: Path) -> None:
-    assert block.marker is not None
-    RUNNERS[block.marker[0]](block, tmp_path)
+def test_runnable_block_runs(block: Block, ran: dict[str, Exception | None]) -> None:
+    failure = ran[block.id]
+    if failure is not None:
+        raise failure
+
+
+@pytest.fixture(scope="module")
+def ran(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exception | None]:
+    """The blocks that the session's tests of this module run, run side by side: each one's failure, or None.
+
+    A block's run mostly waits (for processes to start, for services to answer),
+    so four at a time take about half the time that one at a time takes.
+    """
+    runs = {"test_runnable_block_runs": run_python_block, "test_shell_block_runs": run_shell_block}
+    chosen: list[tuple[Block, Callable[[Block, Path], None]]] = []
+    for item in request.session.items:
+        if isinstance(item, pytest.Function) and item.module is sys.modules[__name__] and item.originalname in runs:
+            block = item.callspec.params["block"]
+            assert isinstance(block, Block)
+            chosen.append((block, runs[item.originalname]))
+
+    # Made here, not in the threads: pytest makes its base folder on first use, and that is not thread-safe.
+    folders = [tmp_path_factory.mktemp(re.sub(r"\W", "_", block.id)) for block, _ in chosen]
+
+    def outcome(block: Block, run: Callable[[Block, Path], None], folder: Path) -> Exception | None:
+        try:
+            run(block, folder)
+        except Exception as failure:  # raised again by the block's own test
+            return failure
+        return None
+
+    blocks, runners = zip(*chosen, strict=True) if chosen else ((), ())
+    with ThreadPoolExecutor(4) as pool:
+        failures = list(pool.map(outcome, blocks, runners, folders))
+    return {block.id: failure for block, failure in zip(blocks, failures, strict=True)}
+
+
+def test_examples_have_the_code_the_guide_says_they_have() -> None:
+    """ "`examples/migration/stage3.py` is the `routing.py` above": the same code, docstrings aside."""
+    text = (ROOT / "MIGRATION.md").read_text(encoding="utf-8")
+    claims = list(re.finditer(r"`examples/migration/(?P<example>[\w.]+)` is the `(?P<file>[\w./]+)` above", text))
+    assert len(claims) >= 2
+    for claim in claims:
+        line = text.count("\n", 0, claim.start()) + 1
+        shown = [b for b in BLOCKS if b.path == "MIGRATION.md" and b.line < line and named(b, claim["file"])]
+        assert shown, claim.group(0)
+        assert code_of(shown[-1].text) == code_of((EXAMPLES / claim["example"]).read_text(encoding="utf-8")), claim[0]
+
+
+def named(block: Block, name: str) -> bool:
+    """Whether the block stands for a file called ``name`` (``routing.py``: ``myinterface/routing.py``)."""
+    return Path(stands_for(block) or "").name == name
+
+
+def code_of(source: str) -> str:
+    """The code of a module, its docstring and comments left out."""
+    tree = ast.parse(source)
+    if ast.get_docstring(tree) is not None:
+        tree.body = tree.body[1:]
+    return ast.dump(tree)
 
 
 # What the pages promise to cover
