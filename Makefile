@@ -21,13 +21,13 @@ run: $(STAMP)
 	$(BIN)/hl7bridge serve --endpoint tcp:2575:interface=127.0.0.1
 
 lint: $(STAMP)
-	$(BIN)/ruff check hl7bridge tests twisted examples
-	$(BIN)/ruff format --check hl7bridge tests twisted examples
+	$(BIN)/ruff check hl7bridge tests twisted examples benchmarks
+	$(BIN)/ruff format --check hl7bridge tests twisted examples benchmarks
 	$(BIN)/mypy hl7bridge
 
 format: $(STAMP)
-	$(BIN)/ruff format hl7bridge tests twisted examples
-	$(BIN)/ruff check --fix hl7bridge tests twisted examples
+	$(BIN)/ruff format hl7bridge tests twisted examples benchmarks
+	$(BIN)/ruff check --fix hl7bridge tests twisted examples benchmarks
 
 # make docs: the Sphinx pages into docs/_build/html; a warning fails the build
 docs: $(STAMP)

@@ -67,6 +67,7 @@ LISTENERS = [
     "hl7bridge-twisted-uvloop",
     "ceiling-asyncio",
     "ceiling-uvloop",
+    "ceiling-twisted",
 ]
 
 QUICK_LISTENERS = ["txhl7-epoll", "hl7bridge-legacy", "hl7bridge-asyncio", "hl7bridge-twisted", "ceiling-asyncio"]
@@ -777,6 +778,12 @@ LISTENER_NOTES = [
         " no HL7. What the loop itself costs.",
     ),
     ("ceiling-uvloop", "the same on uvloop"),
+    (
+        "ceiling-twisted",
+        "the same framing and canned ACK in a Twisted `Protocol` on the asyncio reactor: what Twisted's transport"
+        " costs on that loop, with no HL7 and no hl7bridge. Not a target of issue 6; it shows how much of the"
+        " Twisted face's gap to ceiling-asyncio is Twisted's own write path.",
+    ),
 ]
 
 

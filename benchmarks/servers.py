@@ -39,6 +39,10 @@ plain-hl7mllp              ``hl7.mllp.start_hl7_server`` as its docs show it:
 ceiling-asyncio            an ``asyncio.Protocol`` that splits frames on FS and
                            answers each with a canned ACK: no decoding, no HL7
 ceiling-uvloop             the same on uvloop
+ceiling-twisted            the same framing and canned ACK as a Twisted
+                           ``Protocol`` on the asyncio reactor: what Twisted's
+                           transport costs on that loop, with no HL7 and no
+                           hl7bridge
 =========================  ===================================================
 
 The receivers are defined here, not in hl7bridge, so the benchmark measures
@@ -204,19 +208,23 @@ class CeilingProtocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
-        end = buffer.find(b"\x1c")
-        if end < 0:
-            return
-        count = 0
-        start = 0
-        while end >= 0:
-            count += 1
-            start = end + 1
-            end = buffer.find(b"\x1c", start)
-        del buffer[:start]
-        self.transport.write(CANNED_ACK * count if count > 1 else CANNED_ACK)
+        self.buffer += data
+        count = split_frames(self.buffer)
+        if count:
+            self.transport.write(CANNED_ACK * count)
+
+
+def split_frames(buffer: bytearray) -> int:
+    """Remove the whole frames at the start of ``buffer``; return how many there were."""
+    count = 0
+    start = 0
+    end = buffer.find(b"\x1c")
+    while end >= 0:
+        count += 1
+        start = end + 1
+        end = buffer.find(b"\x1c", start)
+    del buffer[:start]
+    return count
 
 
 def ceiling(port: int, uvloop: bool) -> None:
@@ -224,6 +232,26 @@ def ceiling(port: int, uvloop: bool) -> None:
         return await asyncio.get_running_loop().create_server(CeilingProtocol, HOST, port)
 
     run_asyncio(start, uvloop)
+
+
+def ceiling_twisted(port: int) -> None:
+    from hl7bridge.reactor import install
+
+    reactor = install()
+    from twisted.internet.protocol import Factory, Protocol
+
+    class CeilingTwistedProtocol(Protocol):
+        def connectionMade(self) -> None:  # noqa: N802
+            self.buffer = bytearray()
+
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            self.buffer += data
+            count = split_frames(self.buffer)
+            if count:
+                self.transport.write(CANNED_ACK * count)  # type: ignore[union-attr]
+
+    reactor.listenTCP(port, Factory.forProtocol(CeilingTwistedProtocol), interface=HOST)
+    reactor.run()
 
 
 LISTENERS: dict[str, Callable[[int], None]] = {
@@ -238,6 +266,7 @@ LISTENERS: dict[str, Callable[[int], None]] = {
     "plain-hl7mllp": plain_hl7mllp,
     "ceiling-asyncio": lambda port: ceiling(port, uvloop=False),
     "ceiling-uvloop": lambda port: ceiling(port, uvloop=True),
+    "ceiling-twisted": ceiling_twisted,
 }
 
 
