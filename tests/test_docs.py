@@ -30,9 +30,10 @@ Where a block runs
 
 What changes, mechanically, in a block and in its project's files
     Each documented port (PORTS) becomes a free port; a ``tcp:PORT`` endpoint gets
-    ``:interface=127.0.0.1`` and ``"0.0.0.0"`` becomes ``"127.0.0.1"`` (a script's
-    ``listenTCP(PORT, ...)`` still listens on every interface); ``/tmp/`` becomes
-    the project folder and ``.venv/bin/`` this interpreter's bin folder.
+    ``:interface=127.0.0.1``; ``"0.0.0.0"`` and a quoted ``"HOST.example.invalid"``
+    become ``"127.0.0.1"`` (a script's ``listenTCP(PORT, ...)`` still listens on
+    every interface); ``/tmp/`` becomes the project folder and ``.venv/bin/`` this
+    interpreter's bin folder.
 
 A service
     is started, is sent a made-up ADT^A01 on each MLLP port that its command, or a
@@ -441,6 +442,7 @@ class Project:
 
         text = re.sub(r"\btcp:\d+[^\s\"'`]*", on_loopback, text)
         text = text.replace('"0.0.0.0"', '"127.0.0.1"')
+        text = re.sub(r'"[\w.-]+\.example\.invalid"', '"127.0.0.1"', text)
         text = re.sub(r"(?<![\w./-])/tmp/", f"{self.folder}/", text)
         return re.sub(r"(?<![\w./-])\.venv/bin/", f"{BIN}/", text)
 
