@@ -22,7 +22,10 @@ Where a block runs
     (``myinterface``); ``service.tac``, a copy of its ``stage0.tac`` (the service
     as it runs before the migration); ``tests/samples.py`` with ``ADMISSIONS``, the
     made-up ADT^A01 messages below, addressed to that interface, and the same
-    messages as ``admissions/*.hl7``; a copy of ``examples/side_by_side.py``; and
+    messages as ``admissions/*.hl7``; a copy of ``examples/side_by_side.py``; for a
+    block that names ``.pem`` files, the bridge's and a sender's certificates and
+    keys (``bridge-cert.pem``, ``sender.pem``, ...), each self-signed for 127.0.0.1
+    and trusted by the other (``senders-ca.pem``, ``bridge-ca.pem``); and
     every file that a block above it in the same document stands for, later blocks
     replacing earlier ones. The project and the checkout (where twistd finds
     hl7bridge's plugin) are on PYTHONPATH, and this interpreter's bin folder is
@@ -507,7 +510,23 @@ def project_for(block: Block, folder: Path) -> Project:
         name = stands_for(earlier)
         if name and earlier.path == block.path and earlier.line < block.line:
             project.write(name, earlier.text)
+    if ".pem" in block.text:
+        certificates(project.folder)
     return project
+
+
+def certificates(folder: Path) -> None:
+    """The mutual TLS files the pages name: the bridge's and a sender's, self-signed, each trusted by the other."""
+    from tests.interop.test_endpoints import self_signed
+
+    for side, cert, key, trusted_as in (
+        ("bridge", "bridge-cert.pem", "bridge-key.pem", "bridge-ca.pem"),
+        ("sender", "sender.pem", "sender-key.pem", "senders-ca.pem"),
+    ):
+        (folder / side).mkdir()
+        made_cert, made_key = self_signed(folder / side)
+        for name, made in ((cert, made_cert), (key, made_key), (trusted_as, made_cert)):
+            (folder / name).write_bytes(made.read_bytes())
 
 
 # Services
