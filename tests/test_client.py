@@ -18,8 +18,7 @@ from hl7bridge.errors import AckMismatch, AckTimeout, ConnectTimeout, NegativeAc
 from hl7bridge.receiver import LoggingReceiver
 from hl7bridge.testing import asyncio_test
 from tests.handlers import admissions
-from tests.interop.test_endpoints import self_signed
-from tests.support import CR, FS, HOST, VT, listening, message, msa
+from tests.support import CR, FS, HOST, VT, listening, message, msa, self_signed
 from tests.test_session import Recording
 
 Answer = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

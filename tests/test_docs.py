@@ -514,7 +514,7 @@ def project_for(block: Block, folder: Path) -> Project:
 
 def certificates(folder: Path) -> None:
     """The mutual TLS files the pages name: the bridge's and a sender's, self-signed, each trusted by the other."""
-    from tests.interop.test_endpoints import self_signed
+    from tests.support import self_signed
 
     for side, cert, key, trusted_as in (
         ("bridge", "bridge-cert.pem", "bridge-key.pem", "bridge-ca.pem"),
