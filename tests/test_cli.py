@@ -96,39 +96,26 @@ def test_serve_runs_a_legacy_txhl7_receiver_module(tmp_path: Path) -> None:
         assert server.stop(signal.SIGTERM) == 0
 
 
-def test_bad_receiver_is_reported_and_exits_non_zero() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "hl7bridge", "serve", "--endpoint", "tcp:0", "--receiver", "no.such.Receiver"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
+def _hl7bridge(*args: str, stdin: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "hl7bridge", *args], cwd=ROOT, input=stdin, capture_output=True, timeout=timeout
     )
+
+
+def test_bad_receiver_is_reported_and_exits_non_zero() -> None:
+    result = _hl7bridge("serve", "--endpoint", "tcp:0", "--receiver", "no.such.Receiver", timeout=30)
     assert result.returncode == 2
-    assert "cannot use receiver no.such.Receiver" in result.stderr
+    assert "cannot use receiver no.such.Receiver" in result.stderr.decode()
 
 
 def test_endpoint_in_use_is_reported_and_exits_non_zero(message_file: Path) -> None:
     server = Server()
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "hl7bridge", "serve", "--endpoint", f"tcp:{server.port}:interface=127.0.0.1"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={**os.environ},
-        )
+        result = _hl7bridge("serve", "--endpoint", f"tcp:{server.port}:interface=127.0.0.1", timeout=30)
         assert result.returncode == 1
-        assert "cannot listen on" in result.stderr
+        assert "cannot listen on" in result.stderr.decode()
     finally:
         server.stop(signal.SIGTERM)
-
-
-def _hl7bridge(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "hl7bridge", *args], cwd=ROOT, input=stdin, capture_output=True, timeout=120
-    )
 
 
 def hl7bridge_send(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -225,16 +212,10 @@ def test_serve_listens_on_several_endpoints_with_mutual_tls(tmp_path: Path) -> N
 
 
 def test_serve_reports_an_endpoint_it_cannot_parse() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "hl7bridge", "serve", "-e", "tcp:0", "-e", "mtls:0:privateKey=/no/such/key.pem"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = _hl7bridge("serve", "-e", "tcp:0", "-e", "mtls:0:privateKey=/no/such/key.pem", timeout=30)
     assert result.returncode == 1
-    assert "cannot listen on mtls:0:privateKey=/no/such/key.pem" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "cannot listen on mtls:0:privateKey=/no/such/key.pem" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
 
 
 def test_send_shows_progress_on_a_terminal_or_when_asked(tmp_path: Path) -> None:
