@@ -26,17 +26,22 @@ def message_line(entries: list[dict[str, Any]], control_id: str) -> dict[str, An
     return entry
 
 
-def test_serve_logs_json_lines_with_the_fields_of_each_message() -> None:
-    server = Server("--log-format", "json")
+def json_log_of_one_message(control_id: str, awaited: str, *options: str) -> list[str]:
+    """The log lines of ``hl7bridge serve --log-format json`` that answered one message with SECRET_BODY."""
+    server = Server(*options, "--log-format", "json")
     try:
         result = hl7bridge_send(
-            "-p", str(server.port), "-q", "127.0.0.1", stdin=message("JSON1", body=SECRET_BODY).encode()
+            "-p", str(server.port), "-q", "127.0.0.1", stdin=message(control_id, body=SECRET_BODY).encode()
         )
         assert result.returncode == 0, result.stderr
-        server.wait_for(r'"control_id": "JSON1"')
+        server.wait_for(awaited)
     finally:
         assert server.stop(signal.SIGTERM) == 0
-    lines = [line for line in server.log if line.strip()]
+    return [line for line in server.log if line.strip()]
+
+
+def test_serve_logs_json_lines_with_the_fields_of_each_message() -> None:
+    lines = json_log_of_one_message("JSON1", r'"control_id": "JSON1"')
     entries = [json.loads(line) for line in lines]  # every line, Twisted's own included, is JSON
     assert {"time", "level", "logger", "message"} <= set(entries[0])
     entry = message_line(entries, "JSON1")
@@ -50,16 +55,8 @@ def test_serve_logs_json_lines_with_the_fields_of_each_message() -> None:
 
 
 def test_serve_logs_content_only_when_asked() -> None:
-    server = Server("--log-content", "--log-format", "json")
-    try:
-        result = hl7bridge_send(
-            "-p", str(server.port), "-q", "127.0.0.1", stdin=message("CONTENT1", body=SECRET_BODY).encode()
-        )
-        assert result.returncode == 0, result.stderr
-        server.wait_for(r'"logger": "hl7bridge.content"')
-    finally:
-        assert server.stop(signal.SIGTERM) == 0
-    entries = [json.loads(line) for line in server.log if line.strip()]
+    lines = json_log_of_one_message("CONTENT1", r'"logger": "hl7bridge.content"', "--log-content")
+    entries = [json.loads(line) for line in lines]
     [content] = [e for e in entries if e["logger"] == "hl7bridge.content"]
     assert content["control_id"] == "CONTENT1"
     assert "PID|1||55501||TESTPERSON^SECRET" in content["hl7_message"]
