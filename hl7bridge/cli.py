@@ -144,7 +144,7 @@ def serve(options: ServeOptions) -> int:
         log.info("stopping: no new connections, answering what is in flight")
         for port in ports:
             port.stopListening()
-        return factory.drain().addCallback(lambda _: tap.log_shadow_report(factory))
+        return tap.drain_and_report(factory)
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
 

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any, cast
 
 from twisted.application import service, strports
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import FileLogObserver, ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python import usage
@@ -191,26 +191,28 @@ class DrainingService(service.MultiService):
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         stopped: Deferred[Any] = super().stopService()
-        stopped.addCallback(lambda _: self.factory.drain())
-        return stopped.addCallback(lambda _: log_shadow_report(self.factory))
+        return stopped.addCallback(lambda _: drain_and_report(self.factory))
 
 
-def log_shadow_report(factory: MLLPFactory) -> Deferred[None]:
-    """If ``factory`` serves a :class:`~hl7bridge.migration.Router`, log its shadow report.
+def drain_and_report(factory: MLLPFactory) -> Deferred[None]:
+    """Drain ``factory``'s connections, then log its shadow report if it serves a Router.
 
-    Waits for the comparisons still running (each is bounded by the router's
-    ``shadow_timeout``), then logs one line per message type, with counts only.
+    The report (of a :class:`~hl7bridge.migration.Router` only) waits for the
+    comparisons still running (each is bounded by the router's ``shadow_timeout``),
+    then logs one line per message type, with counts only.
     """
+    drained: Deferred[Any] = factory.drain()
     router = factory.engine.receiver
     if not isinstance(router, Router):
-        return succeed(None)
+        return drained
 
     def report(_: object) -> None:
         for kind, counts in router.report.as_dict().items():
             text = ", ".join(f"{outcome} {n}" for outcome, n in counts.items())
             migration_log.info("shadow report %s: %s", kind, text, extra={"message_type": kind, **counts})
 
-    return to_deferred(router.wait_for_shadows(), event_loop()).addCallback(report)
+    drained.addCallback(lambda _: to_deferred(router.wait_for_shadows(), event_loop()))
+    return drained.addCallback(report)
 
 
 class MetricsResource(Resource):
