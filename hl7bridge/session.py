@@ -428,8 +428,11 @@ class Session:
         code = (ack.read_ack(answer.decode("latin-1"))[0] or "?") if answer is not None else "none"
         if self.engine.metrics is not None:
             self.engine.metrics.record(kind, code, seconds)
+        logged = message_log.isEnabledFor(logging.INFO)
+        if not (logged or self.settings.log_content):
+            return  # metrics only: no log record to carry the fields
         fields = {"peer": self.peer, "message_type": kind, "control_id": control_id, "ack_code": code}
-        if message_log.isEnabledFor(logging.INFO):
+        if logged:
             ms = round(seconds * 1000, 1)
             message_log.info("%s %s %s %s %.1fms", self.peer, kind, control_id, code, ms, extra={**fields, "ms": ms})
         if self.settings.log_content:
