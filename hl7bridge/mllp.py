@@ -117,6 +117,23 @@ class StreamTransport(asyncio.Transport):
     def stopProducing(self) -> None:  # noqa: N802
         self._closing = True
 
+    def lost(self) -> None:
+        """Twisted says the connection is gone: nothing more can be written."""
+        self._closing = True
+
+
+class TwistedStreamWriter(HL7StreamWriter):
+    """An ``hl7.mllp`` stream writer over a Twisted connection.
+
+    Twisted owns the connection and closes it; a protocol driven by hand in a
+    unit test is never connected or closed at all. So, unlike asyncio's own
+    writers (Python 3.11.5 and later), it does not warn "unclosed" when it is
+    collected.
+    """
+
+    def __del__(self) -> None:
+        pass
+
 
 @implementer(interfaces.IHalfCloseableProtocol)
 class MinimalLowerLayerProtocol(protocol.Protocol):
@@ -124,30 +141,45 @@ class MinimalLowerLayerProtocol(protocol.Protocol):
 
     Half-closeable, like asyncio's streams: a sender that shuts down its side
     after its last message still gets the ACKs of the messages in flight.
+
+    As on txHL7, a protocol may be driven by hand, with no event loop running:
+    set ``factory`` and ``transport`` and call ``dataReceived``. The session
+    starts with the first bytes if ``connectionMade`` was never called, and an
+    answer that is ready at once is written before ``dataReceived`` returns.
     """
 
     factory: MLLPFactory
+    _stream_protocol: HL7StreamProtocol | None = None
+    _stream_transport: StreamTransport | None = None
 
     def connectionMade(self) -> None:  # noqa: N802
+        if self._stream_protocol is not None:
+            return
         loop = self.factory.loop
         reader = HL7StreamReader(loop=loop)
-        self._stream_protocol = HL7StreamProtocol(reader, loop=loop)
-        transport = StreamTransport(self.transport, self._stream_protocol)
-        self._stream_protocol.connection_made(transport)
-        writer = HL7StreamWriter(transport, self._stream_protocol, reader, loop)
+        self._stream_protocol = stream_protocol = HL7StreamProtocol(reader, loop=loop)
+        self._stream_transport = transport = StreamTransport(self.transport, stream_protocol)
+        stream_protocol.connection_made(transport)
+        writer = TwistedStreamWriter(transport, stream_protocol, reader, loop)
         self.factory.engine.start_connection(reader, writer, loop)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        self._stream_protocol.data_received(data)
+        if self._stream_protocol is None:
+            self.connectionMade()
+        self._stream_protocol.data_received(data)  # type: ignore[union-attr]
 
     def readConnectionLost(self) -> None:  # noqa: N802
-        self._stream_protocol.eof_received()
+        if self._stream_protocol is not None:
+            self._stream_protocol.eof_received()
 
     def writeConnectionLost(self) -> None:  # noqa: N802
         # The peer stopped reading; the session closes when its writes fail.
         pass
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+        if self._stream_protocol is None:
+            return
+        self._stream_transport.lost()  # type: ignore[union-attr]
         # asyncio streams take None for a clean close and an OSError otherwise.
         exc = None if reason.check(ConnectionDone) else ConnectionResetError(reason.getErrorMessage())
         self._stream_protocol.connection_lost(exc)

@@ -5,15 +5,21 @@ Both faces (the asyncio :func:`hl7bridge.serve` and the Twisted
 stream reader and writer to :meth:`Engine.start_connection`; everything after
 that is written once, here.
 
-Per connection, one task reads bytes, splits them into frames
-(:mod:`hl7bridge.framing`), decodes each with the receiver's codec, calls the
-receiver's ``parseMessage`` once and ``handleMessage`` once, and writes the
-ACKs in the order the messages arrived, whatever order their handlers finish
-in. Handlers of one connection run concurrently, up to ``max_in_flight``.
+A session is driven by callbacks, not by a task: the bytes the connection
+receives are split into frames (:mod:`hl7bridge.framing`) in the call that
+delivered them, each frame is decoded with the receiver's codec, given to the
+receiver's ``parseMessage`` once and ``handleMessage`` once, and an answer
+that is ready at once (a value, a Deferred that has fired) is written in that
+same call. So a protocol driven by hand, with no event loop running, answers
+as txHL7's did. Answers still to come (a pending Deferred, a coroutine,
+thread work) wait in arrival order and are written, in that order, as they
+settle. Handlers of one connection run concurrently, up to ``max_in_flight``;
+frames past it wait undispatched while reading is paused.
 
 Every message gets exactly one outcome: the receiver's answer, a NAK built
 from its MSH (undecodable, unparseable, too large, incomplete, handler failed
-or timed out), or, when it has no MSH, a log line saying it was dropped.
+or timed out), or, when it has no MSH and hl7bridge must answer it, a log
+line saying it was dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass, fields
-from typing import Any, Union
+from typing import Any
 
 import hl7
 from hl7.mllp import HL7StreamReader, HL7StreamWriter
@@ -34,7 +40,7 @@ from hl7bridge.defer import is_pending_result
 from hl7bridge.framing import DEFAULT_MAX_MESSAGE_SIZE, LENIENT
 from hl7bridge.handlers import as_receiver
 from hl7bridge.metrics import Metrics
-from hl7bridge.receiver import DEFAULT_ENCODING, codec_of
+from hl7bridge.receiver import DEFAULT_ENCODING, HL7MessageContainer, codec_of
 
 log = logging.getLogger("hl7bridge.session")
 
@@ -48,15 +54,8 @@ message_log = logging.getLogger("hl7bridge.messages")
 #: message and its ACK, which are patient data (attributes ``hl7_message``, ``hl7_ack``).
 content_log = logging.getLogger("hl7bridge.content")
 
-#: Bytes asked of the stream reader at a time.
-READ_SIZE = 64 * 1024
-
-#: Unsent ACK bytes past which the session stops handling bytes as they come
-#: and waits for the writer to drain.
+#: Unsent ACK bytes past which the session stops reading until the writer drains.
 WRITE_BACKLOG = 64 * 1024
-
-#: What a message turns into: the ACK bytes, None for no answer, or a future of either.
-Reply = Union[bytes, None, "asyncio.Future[bytes | None]"]
 
 Codec = tuple[str, str]
 
@@ -124,12 +123,46 @@ class Settings:
         return cls(**{name: options.pop(name) for name in list(options) if name in names})
 
 
-class Stopped(Exception):
-    """Raised into a session's reads to make it stop reading and finish."""
+class Answer:
+    """An answer still to come: settled once, by its handler or by its timeout.
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    Until it is queued on a session (``session`` set), settling only stores
+    the value: an answer that is ready before :meth:`Session.dispatch`
+    returns is written at once, like a plain value.
+    """
+
+    __slots__ = ("done", "observed", "session", "task", "timer", "value")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.value: bytes | None = None
+        self.session: Session | None = None
+        self.task: asyncio.Task[None] | None = None  # a coroutine's task, held until it ends
+        self.timer: asyncio.TimerHandle | None = None  # the handler timeout
+        self.observed: tuple[bytes, float] | None = None  # (block, start time) when metrics or logs want it
+
+    def settle(self, value: bytes | None) -> None:
+        """The answer is known; the session writes it when those before it are written."""
+        if self.done:
+            # Only the handler timeout settles an answer before its handler does.
+            log.warning("a handler finished after its timeout; its answer was dropped")
+            return
+        self.done = True
+        self.value = value
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.session is not None:
+            self.session._settled(self)
+
+
+#: What a message turns into: the ACK bytes, None for no answer, or an answer still to come.
+Reply = bytes | None | Answer
+
+# Why reading is paused; reading resumes when no reason is left.
+_HELD = 1  # frames wait for a slot under max_in_flight
+_BACKLOG = 2  # the peer does not read its ACKs
+_STOPPING = 4  # no more messages are taken
 
 
 class Engine:
@@ -147,8 +180,11 @@ class Engine:
         self.codec = codec_of(receiver)
         timeout = receiver.getTimeout()
         self.idle_timeout: float | None = timeout if timeout is not None else self.settings.idle_timeout
-        self._sessions: dict[asyncio.Task[None], Session] = {}
+        self._sessions: dict[Session, None] = {}
         self._per_peer: Counter[str] = Counter()
+        self._all_closed: asyncio.Future[None] | None = None
+        # Handler tasks of connections that closed before they finished: held until they end.
+        self._orphans: set[asyncio.Task[None]] = set()
         self.metrics = Metrics() if self.settings.metrics else None
 
     @property
@@ -170,11 +206,12 @@ class Engine:
 
     def start_connection(
         self, reader: HL7StreamReader, writer: HL7StreamWriter, loop: asyncio.AbstractEventLoop
-    ) -> asyncio.Task[None] | None:
-        """Serve one connection in a task the engine holds until it ends.
+    ) -> Session | None:
+        """Serve one connection until it closes; the engine holds its session meanwhile.
 
-        Past ``max_connections`` (or ``max_connections_per_peer``) the
-        connection is closed at once, with a log line, and None is returned.
+        From now on the bytes fed to ``reader`` go to the session. Past
+        ``max_connections`` (or ``max_connections_per_peer``) the connection
+        is closed at once, with a log line, and None is returned.
         """
         peer = writer.get_extra_info("peername")
         host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
@@ -189,56 +226,71 @@ class Engine:
             writer.close()
             return None
         session = Session(self, reader, writer, loop, host)
-        task = loop.create_task(session.run())
-        self._sessions[task] = session
+        self._sessions[session] = None
         self._per_peer[host] += 1
-        task.add_done_callback(self._ended)
-        return task
+        return session
 
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        host = self._sessions.pop(task).host
+    def _ended(self, session: Session) -> None:
+        del self._sessions[session]
+        host = session.host
         self._per_peer[host] -= 1
         if not self._per_peer[host]:
             del self._per_peer[host]
+        if not self._sessions and self._all_closed is not None and not self._all_closed.done():
+            self._all_closed.set_result(None)
+
+    def _adopt(self, task: asyncio.Task[None]) -> None:
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop every connection: no more reading; messages in flight are answered.
 
         Waits up to ``timeout`` seconds (the ``drain_timeout`` setting by
-        default) for them; connections still open then are cancelled, and
-        their unsent ACKs logged.
+        default) for them; connections still open then are closed, and their
+        unsent ACKs logged.
         """
         if timeout is None:
             timeout = self.settings.drain_timeout
-        for session in self._sessions.values():
+        for session in list(self._sessions):
             session.stop("shutting down")
-        if self._sessions:
-            _, late = await asyncio.wait(set(self._sessions), timeout=timeout)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late)
+        if not self._sessions:
+            return
+        self._all_closed = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._all_closed), timeout)
+        except asyncio.TimeoutError:
+            for session in list(self._sessions):
+                session.close()
 
 
 class Session:
-    """The state of one connection while :meth:`run` serves it.
+    """One connection: bytes in, answers out, in arrival order.
+
+    The reader's ``feed_data``, ``feed_eof`` and ``set_exception`` are taken
+    over, so the bytes a face feeds its ``hl7.mllp`` reader come here as they
+    arrive, and nothing waits in the reader's buffer.
 
     A listener may hold thousands of idle connections, so a session allocates
     little until messages come: slots rather than a ``__dict__``, an empty list
-    for the replies pending (a deque allocates a 64-slot block at once), and
-    the empty tuple until a framing deviation is noted.
+    for the replies pending, and the empty tuple until a framing deviation is noted.
     """
 
     __slots__ = (
-        "_buffer_data",
+        "_closed",
         "_deframer",
         "_deviations",
-        "_direct",
+        "_drain_task",
+        "_eof",
         "_frame_started",
+        "_held",
         "_last_activity",
         "_observing",
+        "_paused",
         "_pending",
+        "_releasing",
         "_timer",
+        "_unread",
         "engine",
         "host",
         "loop",
@@ -268,102 +320,107 @@ class Session:
         self._deframer = framing.Deframer(self.settings.framing, self.settings.max_message_size)
         # Replies in arrival order; rarely more than max_in_flight, so pop(0) costs little.
         self._pending: list[Reply] = []
+        self._held: list[framing.Event] | None = None  # events waiting for a slot
+        self._unread: bytearray | None = None  # bytes that came while events were held
+        self._paused = 0
+        self._eof = False  # the peer sent its last byte
+        self._closed = False
+        self._releasing = False
+        self._drain_task: asyncio.Task[None] | None = None
         self._deviations: tuple[str, ...] = ()
         self._last_activity = loop.time()
         self._frame_started: float | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._direct = False
-        self._buffer_data: Any = None
         self._observing = (
             engine.metrics is not None or self.settings.log_content or message_log.isEnabledFor(logging.INFO)
         )
-
-    async def run(self) -> None:
-        """Serve the connection until the peer closes it, it is stopped, or framing fails."""
+        reader.feed_data = self.data_received
+        reader.feed_eof = self.eof_received
+        reader.set_exception = self.connection_lost
         log.debug("%s: connected", self.peer)
         self._arm_timer()
-        try:
-            await self._serve()
-        except Stopped as stop:
-            log.info("%s: %s; answering %d messages in flight", self.peer, stop.reason, len(self._pending))
-            await self._finish(self.settings.drain_timeout)
-        except ConnectionError as exc:
+
+    # Events of the connection
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the peer: deframed, dispatched and answered where the answer is ready."""
+        if self._closed or self._paused & _STOPPING:
+            return
+        self._last_activity = self.loop.time()
+        if self._held is not None:
+            # Reading is paused; what a transport delivers anyway waits its turn.
+            self._unread += data  # type: ignore[operator]
+            return
+        self._take(self._deframer.feed(data))
+
+    def eof_received(self) -> None:
+        """The peer closed its side (or the connection is gone): answer what is in flight, then close."""
+        if self._closed:
+            return
+        if self.writer.transport.is_closing():
+            self.connection_lost(None)
+            return
+        if self._eof:
+            return
+        self._eof = True
+        if self._held is None:
+            self._end()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """The connection is gone: answers still to come can no longer be sent."""
+        if exc is not None:
             log.debug("%s: connection lost: %s", self.peer, exc)
-        finally:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._abandon_pending()
-            self.writer.close()
-            log.debug("%s: closed", self.peer)
+        self.close()
 
     def stop(self, reason: str) -> None:
-        """Stop reading; :meth:`run` answers the messages in flight, then closes."""
-        if self.reader.exception() is None:
-            self.reader.set_exception(Stopped(reason))
+        """Take no more messages; answer those in flight, then close.
 
-    async def _serve(self) -> None:
-        reader = self.reader
-        max_in_flight = self.settings.max_in_flight
-        # While this task waits in read(), bytes go straight to _data_received
-        # (no task switch per message); while it is busy, the reader buffers
-        # them as usual and read() returns them next.
-        buffer_data = reader.feed_data
-        reader.feed_data = self._data_received
-        self._buffer_data = buffer_data
-        try:
-            while True:
-                self._direct = True
-                data = await reader.read(READ_SIZE)
-                self._direct = False
-                if not self._take(data) or not data:
-                    break
-                await self.writer.drain()
-                while len(self._pending) >= max_in_flight:
-                    await self._wait_for_head()
-        finally:
-            self._direct = False
-            del reader.feed_data
-        await self._finish(None)
-
-    def _data_received(self, data: bytes) -> None:
-        """Bytes from the transport: handled now if the session is waiting for them."""
-        if not self._direct or len(self._pending) >= self.settings.max_in_flight or self._writes_backed_up():
-            self._buffer_data(data)
+        The answers get ``drain_timeout`` seconds (the engine's shutdown sets
+        its own bound); the connection is closed then, whatever is left.
+        """
+        if self._closed or self._paused & _STOPPING:
             return
-        if not self._take(data):
-            self._direct = False
-            self.stop("framing error")
+        log.info("%s: %s; answering %d messages in flight", self.peer, reason, len(self._pending))
+        self._held = self._unread = None
+        self._pause(_STOPPING)
+        if self._close_if_answered():
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self.settings.drain_timeout, self.close)
 
-    def _take(self, data: bytes) -> bool:
-        """Deframe and dispatch bytes read (``b""`` at the end); False when the connection must close."""
-        self._last_activity = self.loop.time()
-        events = self._deframer.feed(data) if data else self._deframer.end()
-        if not self._handle_events(events):
-            return False
-        if self._frame_started is not None or self._deframer.incomplete:
-            self._track_frame(any(isinstance(event, (framing.Frame, framing.Oversized)) for event in events))
-        return True
+    def close(self) -> None:
+        """Close the connection now; answers not yet written are logged and dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+        self._abandon_pending()
+        self.writer.close()
+        self.engine._ended(self)
+        log.debug("%s: closed", self.peer)
 
-    def _writes_backed_up(self) -> bool:
-        return bool(self.writer.transport.get_write_buffer_size() > WRITE_BACKLOG)
+    # Frames in
 
-    async def _finish(self, timeout: float | None) -> None:
-        """Wait for the replies still to come, up to ``timeout`` seconds, and send them."""
-        deadline = None if timeout is None else self.loop.time() + timeout
-        while self._pending:
-            left = None if deadline is None else deadline - self.loop.time()
-            if left is not None and left <= 0:
-                return
-            await self._wait_for_head(left)
-
-    def _handle_events(self, events: list[framing.Event]) -> bool:
-        """Act on framing events; False when the connection must close."""
-        for event in events:
+    def _take(self, events: list[framing.Event]) -> None:
+        """Act on framing events, in order, while slots under ``max_in_flight`` last."""
+        finished = False
+        max_in_flight = self.settings.max_in_flight
+        for index, event in enumerate(events):
             if isinstance(event, framing.Frame):
+                if len(self._pending) >= max_in_flight:
+                    self._hold(events[index:])
+                    break
+                finished = True
                 self._submit(self._observed(event.data) if self._observing else self.dispatch(event.data))
             elif isinstance(event, framing.Deviation):
                 self._note_deviation(event.kind, event.offset)
             elif isinstance(event, framing.Oversized):
+                finished = True
                 log.warning(
                     "%s: message of %d bytes is over the %d byte limit",
                     self.peer,
@@ -373,8 +430,54 @@ class Session:
                 self._submit(self._nak(event.head, ack.TOO_LARGE, self.engine.codec_for(event.head), partial=True))
             else:
                 log.warning("%s: strict framing: %s at byte %d; closing", self.peer, event.kind, event.offset)
-                return False
+                self.stop("framing error")
+                return
+            if self._closed:
+                return
+        if self._frame_started is not None or self._deframer.incomplete:
+            self._track_frame(finished)
+
+    def _hold(self, events: list[framing.Event]) -> None:
+        """Keep frames past ``max_in_flight`` undispatched, and stop reading until a slot frees."""
+        self._held = events
+        self._unread = bytearray()
+        self._pause(_HELD)
+
+    def _release(self) -> None:
+        """Slots are free: dispatch the frames held, then the bytes that came meanwhile."""
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            while self._held is not None and len(self._pending) < self.settings.max_in_flight:
+                events, unread = self._held, self._unread
+                self._held = self._unread = None
+                self._take(events)
+                if self._held is not None:
+                    self._unread = unread
+                elif unread and not self._closed:
+                    self._take(self._deframer.feed(bytes(unread)))
+        finally:
+            self._releasing = False
+        if self._held is None and not self._closed:
+            self._resume(_HELD)
+            if self._eof:
+                self._end()
+
+    def _end(self) -> None:
+        """The stream has ended: report what it left unfinished, answer the rest, close."""
+        self._take(self._deframer.end())
+        if not self._closed:
+            self._pause(_STOPPING)
+            self._close_if_answered()
+
+    def _close_if_answered(self) -> bool:
+        if self._pending or not self._paused & _STOPPING:
+            return False
+        self.close()
         return True
+
+    # One message
 
     def dispatch(self, block: bytes) -> Reply:
         """Decode, parse and handle one block; return its reply."""
@@ -384,39 +487,43 @@ class Session:
         except UnicodeDecodeError as exc:
             log.warning("%s: message does not decode as %s (byte %d)", self.peer, codec[0], exc.start)
             return self._nak(block, ack.UNDECODABLE, codec)
-        if not text.lstrip().startswith(ack.BLOCK_HEADERS):
-            log.warning("%s: dropped a block of %d bytes that is no HL7 message", self.peer, len(block))
-            return None
         try:
             container = self.receiver.parseMessage(text)
         except Exception:
             log.exception("%s: parseMessage failed", self.peer)
             return self._nak(block, ack.UNPARSEABLE, codec)
+        if isinstance(container, HL7MessageContainer) and container.header is None:
+            # hl7bridge builds this container's answers, and they need an MSH.
+            # Receivers with containers of their own get any block (txHL7 did).
+            log.warning("%s: dropped a block of %d bytes that is no HL7 message", self.peer, len(block))
+            return None
         try:
             result = self.receiver.handleMessage(container)
         except Exception:
             return self._failed(Failure(), container, codec)
         if result is None or isinstance(result, (str, bytes)) or not is_pending_result(result):
             return self._encode(result, codec)
-        reply: asyncio.Future[bytes | None]
+        answer = Answer()
         if isinstance(result, Deferred):
-            # An answer that cannot be encoded fails like the handler did.
-            result.addCallback(self._encode, codec).addErrback(self._failed, container, codec)
-            reply = result.asFuture(self.loop)
+            # An answer that cannot be encoded fails like the handler did. A
+            # Deferred that has fired already settles the answer here and now.
+            result.addCallback(self._encode, codec).addErrback(self._failed, container, codec).addCallback(
+                answer.settle
+            )
         else:
-            reply = self.loop.create_task(self._settle(result, container, codec))
-        if self.settings.handler_timeout is not None and not reply.done():
-            reply = self._with_deadline(reply, block, codec)
-        return reply
+            answer.task = self.loop.create_task(self._settle(result, container, codec, answer))
+        if answer.done:
+            return answer.value
+        if self.settings.handler_timeout is not None:
+            answer.timer = self.loop.call_later(self.settings.handler_timeout, self._expired, answer, block, codec)
+        return answer
 
     def _observed(self, block: bytes) -> Reply:
         """:meth:`dispatch`, timed, counted and logged in one line when its answer is ready."""
         started = self.loop.time()
         reply = self.dispatch(block)
-        if isinstance(reply, asyncio.Future):
-            reply.add_done_callback(
-                lambda done: self._record(block, None if done.cancelled() else done.result(), started)
-            )
+        if isinstance(reply, Answer):
+            reply.observed = (block, started)
         else:
             self._record(block, reply, started)
         return reply
@@ -447,33 +554,18 @@ class Session:
                 extra={**fields, "hl7_message": message, "hl7_ack": reply},
             )
 
-    async def _settle(self, awaitable: Any, container: Any, codec: Codec) -> bytes | None:
+    async def _settle(self, awaitable: Any, container: Any, codec: Codec, answer: Answer) -> None:
         try:
-            return self._encode(await awaitable, codec)
+            value = self._encode(await awaitable, codec)
         except Exception:
-            return self._failed(Failure(), container, codec)
+            value = self._failed(Failure(), container, codec)
+        answer.task = None
+        answer.settle(value)
 
-    def _with_deadline(
-        self, reply: asyncio.Future[bytes | None], block: bytes, codec: Codec
-    ) -> asyncio.Future[bytes | None]:
-        """A reply that is an AE if the handler has not finished in time."""
-        answer: asyncio.Future[bytes | None] = self.loop.create_future()
-
-        def finished(done: asyncio.Future[bytes | None]) -> None:
-            if not answer.done():
-                answer.set_result(None if done.cancelled() else done.result())
-                timer.cancel()
-            else:
-                log.warning("%s: a handler finished after its timeout; its answer was dropped", self.peer)
-
-        def expired() -> None:
-            log.error("%s: handler still running after %ss; AE sent", self.peer, self.settings.handler_timeout)
-            answer.set_result(self._nak(block, ack.HANDLER_TIMEOUT, codec))
-
-        assert self.settings.handler_timeout is not None
-        timer = self.loop.call_later(self.settings.handler_timeout, expired)
-        reply.add_done_callback(finished)
-        return answer
+    def _expired(self, answer: Answer, block: bytes, codec: Codec) -> None:
+        log.error("%s: handler still running after %ss; AE sent", self.peer, self.settings.handler_timeout)
+        answer.timer = None
+        answer.settle(self._nak(block, ack.HANDLER_TIMEOUT, codec))
 
     def _failed(self, failure: Failure, container: Any, codec: Codec) -> bytes | None:
         """A handler failed: log it once, and answer with ``container.err(failure)``."""
@@ -526,47 +618,55 @@ class Session:
         log.warning("%s: %s %s: %s", self.peer, rejection.code, header.control_id, rejection.text)
         return self._encode(ack.build_nak(header, rejection), codec)
 
+    # Answers out, in arrival order
+
     def _submit(self, reply: Reply) -> None:
         """Queue a reply behind those of earlier messages; send what is ready."""
-        if isinstance(reply, asyncio.Future):
-            if reply.done() and not self._pending:
-                self._send(reply.result())
-                return
-            reply.add_done_callback(self._flush)
+        if isinstance(reply, Answer):
+            reply.session = self
             self._pending.append(reply)
         elif self._pending:
             self._pending.append(reply)
         else:
             self._send(reply)
 
-    def _flush(self, _: object = None) -> None:
+    def _settled(self, answer: Answer) -> None:
+        if answer.observed is not None:
+            block, started = answer.observed
+            self._record(block, answer.value, started)
+        if not self._closed and self._pending and self._pending[0] is answer:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send the replies at the head of the queue that are ready; take held frames if slots freed."""
         pending = self._pending
         while pending:
             head = pending[0]
-            if isinstance(head, asyncio.Future):
-                if not head.done():
-                    return
-                pending.pop(0)
-                if not head.cancelled():
-                    self._send(head.result())
-            else:
-                pending.pop(0)
-                self._send(head)
-
-    async def _wait_for_head(self, timeout: float | None = None) -> None:
-        head = self._pending[0]
-        if isinstance(head, asyncio.Future):
-            await asyncio.wait((head,), timeout=timeout)
-        self._flush()
+            if isinstance(head, Answer):
+                if not head.done:
+                    break
+                head = head.value
+            pending.pop(0)
+            self._send(head)
+        if self._held is not None:
+            self._release()
+        self._close_if_answered()
 
     def _abandon_pending(self) -> None:
         """The connection is closing: replies still to come can no longer be sent."""
+        unsent = 0
         for reply in self._pending:
-            if isinstance(reply, asyncio.Future):
-                reply.remove_done_callback(self._flush)
-        if self._pending:
-            log.warning("%s: connection closed with %d ACKs unsent", self.peer, len(self._pending))
+            if isinstance(reply, Answer):
+                reply.session = None
+                if reply.timer is not None:
+                    reply.timer.cancel()
+                if reply.task is not None:
+                    self.engine._adopt(reply.task)
+            unsent += 1
+        if unsent:
+            log.warning("%s: connection closed with %d ACKs unsent", self.peer, unsent)
         self._pending.clear()
+        self._held = self._unread = None
 
     def _send(self, data: bytes | None) -> None:
         if data is None:
@@ -575,6 +675,31 @@ class Session:
             log.warning("%s: connection closed before an ACK could be sent", self.peer)
             return
         self.writer.writeblock(data)
+        if self.writer.transport.get_write_buffer_size() > WRITE_BACKLOG and not self._paused & _BACKLOG:
+            # The peer is not reading its ACKs: read no more until it does.
+            self._pause(_BACKLOG)
+            self._drain_task = self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except ConnectionError:
+            return
+        self._drain_task = None
+        self._resume(_BACKLOG)
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused:
+            self.writer.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and not self._closed:
+                self.writer.transport.resume_reading()
+
+    # Timeouts
 
     def _note_deviation(self, kind: str, offset: int) -> None:
         if kind not in self._deviations:
@@ -619,7 +744,7 @@ class Session:
             self.stop(f"message not completed within {frame_timeout}s")
             return
         idle_timeout = self.engine.idle_timeout
-        if self._pending:
+        if self._pending or self._held is not None:
             self._last_activity = now
         elif idle_timeout is not None and now >= self._last_activity + idle_timeout:
             self.stop(f"idle for {idle_timeout}s")

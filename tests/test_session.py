@@ -13,6 +13,7 @@ from typing import Any
 
 import hl7
 import pytest
+import txHL7.receiver
 from twisted.internet import defer, reactor, threads
 
 import hl7bridge
@@ -430,3 +431,55 @@ async def test_an_idle_connection_keeps_little_memory_in_hl7bridge(face: str, ca
         for peer in peers:
             await peer.close()
     assert 0 < held <= IDLE_CONNECTION_BUDGET
+
+
+class PingContainer(txHL7.receiver.MessageContainer):
+    """A payload that is no HL7 at all, answered in kind (txHL7's custom containers allow it)."""
+
+    def ack(self, ack_code: str = "AA") -> str:
+        return f"GOT:{self.raw_message}"
+
+
+class PingReceiver(txHL7.receiver.AbstractReceiver):
+    message_cls = PingContainer
+
+    def handleMessage(self, container: PingContainer) -> Any:  # noqa: N802
+        return defer.succeed(container.ack())
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_a_custom_container_gets_blocks_that_are_no_hl7(face: str) -> None:
+    replies = await exchange(face, PingReceiver(), frame(b"PING") + frame(b"\r\nSTATUS?\r\n"), 2)
+    assert replies == [b"GOT:PING", b"GOT:\r\nSTATUS?\r\n"]
+
+
+class Concurrency(AbstractHL7Receiver):
+    """Acknowledges each message a moment later, counting how many it holds at once."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+
+    def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        self.running += 1
+        self.most = max(self.most, self.running)
+        d: defer.Deferred[str] = defer.Deferred()
+        reactor.callLater(0, d.callback, container.ack())
+        return d.addBoth(self._done)
+
+    def _done(self, result: Any) -> Any:
+        self.running -= 1
+        return result
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_max_in_flight_holds_for_messages_that_arrive_in_one_read(face: str, limit: int) -> None:
+    receiver = Concurrency()
+    names = [f"B{i:04d}" for i in range(400)]
+    data = b"".join(frame(message(name).encode()) for name in names)  # ~60 KB: a few reads at most
+    replies = await exchange(face, receiver, data, len(names), max_in_flight=limit)
+    assert ids(replies) == names
+    assert receiver.most == limit
