@@ -203,7 +203,7 @@ class EchoReceiver(txHL7.receiver.AbstractReceiver):
 
 def test_a_custom_container_gets_a_block_that_is_no_hl7() -> None:
     proto = by_hand(EchoReceiver())
-    proto.dataReceived(frame(b"PING") + frame(b"  {\"kind\": \"ping\"}"))
+    proto.dataReceived(frame(b"PING") + frame(b'  {"kind": "ping"}'))
     assert written(proto) == [frame(b"GOT:PING"), frame(b'GOT:  {"kind": "ping"}')]
 
 
