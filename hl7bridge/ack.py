@@ -45,6 +45,16 @@ INCOMPLETE = Rejection("AR", "message not completed in time", "207", "Applicatio
 HANDLER_FAILED = Rejection("AR", "handler failed", "207", "Application internal error")
 HANDLER_TIMEOUT = Rejection("AE", "handler timed out", "207", "Application internal error")
 
+# MSH faults (see header_fault). Those in ANSWERABLE still leave the control id
+# readable, so an AR can carry it in MSA-2; the others leave none to put there,
+# or no reliable way to read it.
+MISSING_MESSAGE_TYPE = Rejection("AR", "required field missing (MSH-9)", "101", "Required field missing")
+MISSING_ENCODING_CHARACTERS = Rejection("AR", "required field missing (MSH-2)", "101", "Required field missing")
+MISSING_CONTROL_ID = Rejection("AR", "required field missing (MSH-10)", "101", "Required field missing")
+UNUSABLE_SEPARATORS = Rejection("AR", "unusable separators (MSH-1 and MSH-2)", "101", "Required field missing")
+NO_HEADER = Rejection("AR", "no readable MSH segment", "100", "Segment sequence error")
+ANSWERABLE = frozenset({MISSING_MESSAGE_TYPE, MISSING_ENCODING_CHARACTERS})
+
 
 #: Fields of MSH an ACK reads; a shorter MSH is padded with empty fields up to here.
 _PADDED = 20
@@ -145,6 +155,39 @@ def read_header(text: str) -> Header | None:
         end = newline
     segment = text[start:end]
     return Header(segment, tuple(segment.split(separator)))
+
+
+#: MSH-2 holds 1 to 5 encoding characters (component, repetition, escape,
+#: subcomponent separators and, from v2.7, the truncation character).
+_MAX_ENCODING_CHARACTERS = 5
+
+
+def header_fault(header: Header | None) -> Rejection | None:
+    """What stops an ACK from identifying the message whose MSH is ``header``; None if nothing.
+
+    MSH-1 must be neither a letter, a digit nor whitespace; MSH-2 must hold at
+    most 5 encoding characters, distinct, none of them MSH-1, a letter, a digit
+    or whitespace (more means MSH-1 was not the separator the sender used);
+    MSH-9 (message type), MSH-10 (control id) and MSH-2 must be present (HL7
+    v2.5 section 2.14.9). An ACK to a message with a fault outside
+    :data:`ANSWERABLE` would carry an empty or wrong MSA-2.
+    """
+    if header is None:
+        return NO_HEADER
+    separators = header.field_separator + header.field(2)
+    if (
+        len(separators) > _MAX_ENCODING_CHARACTERS + 1
+        or len(set(separators)) != len(separators)
+        or any(character.isalnum() or character.isspace() for character in separators)
+    ):
+        return UNUSABLE_SEPARATORS
+    if not header.control_id.strip():
+        return MISSING_CONTROL_ID
+    if len(separators) == 1:
+        return MISSING_ENCODING_CHARACTERS
+    if not header.field(9).strip():
+        return MISSING_MESSAGE_TYPE
+    return None
 
 
 _CONTROL_ID_PREFIX = os.urandom(6).hex().upper()

@@ -33,6 +33,9 @@ CARRIAGE_RETURN = b"\x0d"
 
 _WHITESPACE = b" \t\r\n"
 
+#: Whitespace bytes after a block that are still part of its ending (CR LF after FS).
+_TRAILER = 2
+
 #: Bytes of a too-large block kept so that a NAK can be built from its MSH.
 HEAD_SIZE = 4096
 
@@ -101,6 +104,7 @@ class Deframer:
         "_dropping",
         "_head",
         "_in_block",
+        "_loose",
         "_max",
         "_offset",
         "_rejected",
@@ -127,6 +131,7 @@ class Deframer:
         self._start = 0  # stream offset where that block began
         self._rejected = False
         self._scanned = 0  # bytes of _buffer known to hold neither VT nor FS
+        self._loose = 0  # whitespace bytes skipped since the last block ended
 
     def feed(self, data: bytes) -> list[Event]:
         """Take the next bytes of the stream; return the events they complete."""
@@ -135,6 +140,7 @@ class Deframer:
         if self._is_one_whole_frame(data):
             # The usual case, one message per read: no buffering, one copy.
             self._offset += len(data)
+            self._loose = 0
             return [Frame(data[1:-2])] if len(data) > 3 else []
         self._buffer += data
         events: list[Event] = []
@@ -177,6 +183,16 @@ class Deframer:
         """Whether bytes of a block not yet ended are held (or being dropped)."""
         return self._in_block or bool(self._buffer)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether bytes have come since the last block ended that no block has ended yet.
+
+        A block being received, junk, or more whitespace than the CR or CRLF
+        some senders put after FS: a peer sending only these is as stuck as one
+        that never finishes a block.
+        """
+        return self._in_block or bool(self._buffer) or self._loose > _TRAILER
+
     def partial_head(self) -> bytes:
         """The first bytes of the unfinished block (up to HEAD_SIZE), to answer it."""
         return self._head if self._dropping else bytes(self._buffer[:HEAD_SIZE])
@@ -215,25 +231,28 @@ class Deframer:
                 return self._reject(events, MISSING_CR_AFTER_END, self._offset)
             else:
                 events.append(Deviation(MISSING_CR_AFTER_END, self._offset))
-        if not self._strict:
+        if not self._strict and not self._scanned:
             # Whitespace between blocks (CR, LF, CRLF) is common and harmless.
-            blank = 0
-            while blank < len(buffer) and buffer[blank] in _WHITESPACE:
-                blank += 1
-            self._consume(blank)
+            blank = len(buffer) - len(buffer.lstrip(_WHITESPACE))
+            if blank:
+                self._loose += blank
+                self._consume(blank)
         if not buffer:
             return False
-        start = buffer.find(START_BLOCK)
+        # Bytes already searched are not searched again: junk that trickles in
+        # costs time linear in its length.
+        start = buffer.find(START_BLOCK, self._scanned)
         if self._strict:
             if start != 0:
                 return self._reject(events, JUNK_BEFORE_START, self._offset)
         else:
-            end = buffer.find(END_BLOCK, 0, start if start >= 0 else len(buffer))
+            end = buffer.find(END_BLOCK, self._scanned, start if start >= 0 else len(buffer))
             if end >= 0:
                 return self._unstarted_block(events, end)
             if start < 0:
                 # Other bytes wait: they may still turn out to be a block
                 # without VT, ended by an FS not yet received.
+                self._scanned = len(buffer)
                 return self._check_size(events, len(buffer))
             if start:
                 events.append(Deviation(JUNK_BEFORE_START, self._offset))
@@ -248,6 +267,7 @@ class Deframer:
             self._complete(events, end)
         self._consume(end + 1)
         self._after_block = True
+        self._loose = 0
         return True
 
     def _complete(self, events: list[Event], end: int) -> None:
@@ -259,9 +279,13 @@ class Deframer:
 
     def _step_in_block(self, events: list[Event]) -> bool:
         buffer = self._buffer
-        # A large block arrives in many reads: search only the new bytes.
-        end = buffer.find(END_BLOCK, self._scanned)
-        restart = buffer.find(START_BLOCK, self._scanned, end if end >= 0 else len(buffer))
+        # A large block arrives in many reads: search only the new bytes, and
+        # for FS only up to the next VT, so that a stream of restarted blocks
+        # costs time linear in its length.
+        restart = buffer.find(START_BLOCK, self._scanned)
+        end = buffer.find(END_BLOCK, self._scanned, restart if restart >= 0 else len(buffer))
+        if end >= 0:
+            restart = -1
         if restart >= 0:
             if self._strict:
                 return self._reject(events, RESTARTED_BLOCK, self._offset + restart)
@@ -290,6 +314,7 @@ class Deframer:
             self._consume(end + 1)
         self._in_block = False
         self._after_block = True
+        self._loose = 0
         return True
 
     def _check_size(self, events: list[Event], size: int) -> bool:

@@ -61,7 +61,12 @@ class Metrics:
 
     def __init__(self) -> None:
         self.messages: Counter[tuple[str, str]] = Counter()
+        self.problems: Counter[str] = Counter()
         self._latency: dict[tuple[str, str], _Histogram] = {}
+
+    def problem(self, kind: str) -> None:
+        """A peer sent something wrong: ``kind`` says what (see ``docs/reliability.md``)."""
+        self.problems[kind] += 1
 
     def record(self, message_type: str, ack_code: str, seconds: float) -> None:
         """One message of ``message_type`` answered ``ack_code`` ("none" for no ACK) after ``seconds``."""
@@ -83,7 +88,7 @@ class Metrics:
         return result
 
     def families(self) -> list[Family]:
-        """The series: ``hl7bridge_messages_total`` and ``hl7bridge_handling_seconds``."""
+        """The series: ``hl7bridge_messages_total``, ``hl7bridge_handling_seconds``, ``hl7bridge_problems_total``."""
         counter = [
             ("_total", {"message_type": kind, "ack_code": code}, float(n))
             for (kind, code), n in sorted(self.messages.items())
@@ -104,6 +109,12 @@ class Metrics:
                 "histogram",
                 "Time from a message's last byte to its answer, by message type and ACK code.",
                 histogram,
+            ),
+            Family(
+                "hl7bridge_problems",
+                "counter",
+                "Problems with what peers sent, by kind; each kind is logged once per connection.",
+                [("_total", {"kind": kind}, float(n)) for kind, n in sorted(self.problems.items())],
             ),
         ]
 

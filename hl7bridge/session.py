@@ -35,7 +35,7 @@ from hl7.mllp import HL7StreamReader, HL7StreamWriter
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from hl7bridge import ack, charsets, framing
+from hl7bridge import ack, charsets, failures, framing
 from hl7bridge.defer import is_pending_result
 from hl7bridge.framing import DEFAULT_MAX_MESSAGE_SIZE, LENIENT
 from hl7bridge.handlers import as_receiver
@@ -56,6 +56,11 @@ content_log = logging.getLogger("hl7bridge.content")
 
 #: Unsent ACK bytes past which the session stops reading until the writer drains.
 WRITE_BACKLOG = 64 * 1024
+
+#: Each kind of problem a peer causes is logged when first seen on its
+#: connection; repeats are counted, and summed up in one line at most this
+#: often (seconds) and when the connection closes.
+PROBLEM_SUMMARY_INTERVAL = 60.0
 
 Codec = tuple[str, str]
 
@@ -139,7 +144,7 @@ class Answer:
         self.session: Session | None = None
         self.task: asyncio.Task[None] | None = None  # a coroutine's task, held until it ends
         self.timer: asyncio.TimerHandle | None = None  # the handler timeout
-        self.observed: tuple[bytes, float] | None = None  # (block, start time) when metrics or logs want it
+        self.observed: tuple[bytes, ack.Header | None, float] | None = None  # for metrics and the message log
 
     def settle(self, value: bytes | None) -> None:
         """The answer is known; the session writes it when those before it are written."""
@@ -279,18 +284,21 @@ class Session:
     __slots__ = (
         "_closed",
         "_deframer",
-        "_deviations",
         "_drain_task",
         "_eof",
         "_frame_started",
+        "_header",
         "_held",
         "_last_activity",
         "_observing",
         "_paused",
         "_pending",
+        "_problems",
         "_releasing",
+        "_summary_due",
         "_timer",
         "_unread",
+        "_unreported",
         "engine",
         "host",
         "loop",
@@ -327,7 +335,10 @@ class Session:
         self._closed = False
         self._releasing = False
         self._drain_task: asyncio.Task[None] | None = None
-        self._deviations: tuple[str, ...] = ()
+        self._header: ack.Header | None = None  # the MSH of the block dispatch() took last
+        self._problems: dict[str, int] | None = None  # kind -> count, once a peer causes one
+        self._unreported = 0
+        self._summary_due = 0.0
         self._last_activity = loop.time()
         self._frame_started: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -400,6 +411,7 @@ class Session:
         if self._drain_task is not None:
             self._drain_task.cancel()
         self._abandon_pending()
+        self._summarise()
         self.writer.close()
         self.engine._ended(self)
         log.debug("%s: closed", self.peer)
@@ -418,12 +430,14 @@ class Session:
                 finished = True
                 self._submit(self._observed(event.data) if self._observing else self.dispatch(event.data))
             elif isinstance(event, framing.Deviation):
-                self._note_deviation(event.kind, event.offset)
+                self._problem(
+                    f"framing: {event.kind}", "framing deviation tolerated: %s at byte %d", event.kind, event.offset
+                )
             elif isinstance(event, framing.Oversized):
                 finished = True
-                log.warning(
-                    "%s: message of %d bytes is over the %d byte limit",
-                    self.peer,
+                self._problem(
+                    "message too large",
+                    "message of %d bytes is over the %d byte limit",
                     event.size,
                     self.settings.max_message_size,
                 )
@@ -434,7 +448,7 @@ class Session:
                 return
             if self._closed:
                 return
-        if self._frame_started is not None or self._deframer.incomplete:
+        if self._frame_started is not None or self._deframer.waiting:
             self._track_frame(finished)
 
     def _hold(self, events: list[framing.Event]) -> None:
@@ -481,21 +495,31 @@ class Session:
 
     def dispatch(self, block: bytes) -> Reply:
         """Decode, parse and handle one block; return its reply."""
+        self._header = None
         codec = self.engine.codec_for(block)
         try:
             text = block.decode(*codec)
         except UnicodeDecodeError as exc:
-            log.warning("%s: message does not decode as %s (byte %d)", self.peer, codec[0], exc.start)
+            self._problem("undecodable message", "message does not decode as %s (byte %d)", codec[0], exc.start)
             return self._nak(block, ack.UNDECODABLE, codec)
+        if text.startswith(ack.BLOCK_HEADERS) or text.lstrip()[:3] in ack.BLOCK_HEADERS:
+            # An HL7 message: hl7bridge may have to answer it, so its MSH must
+            # identify it (HL7 v2.5 section 2.14.9: MSH-9 and MSH-10 are required).
+            header = self._header = ack.read_header(text)
+            fault = ack.header_fault(header)
+            if fault is not None:
+                return self._refuse(block, header, fault, codec)
         try:
             container = self.receiver.parseMessage(text)
         except Exception:
-            log.exception("%s: parseMessage failed", self.peer)
+            failure = Failure()
+            self._problem("message could not be parsed", "parseMessage failed: %s", failures.summary(failure))
+            self._log_content_failure("parseMessage", failure)
             return self._nak(block, ack.UNPARSEABLE, codec)
-        if isinstance(container, HL7MessageContainer) and container.header is None:
+        if isinstance(container, HL7MessageContainer) and self._header is None:
             # hl7bridge builds this container's answers, and they need an MSH.
             # Receivers with containers of their own get any block (txHL7 did).
-            log.warning("%s: dropped a block of %d bytes that is no HL7 message", self.peer, len(block))
+            self._problem("no HL7 message", "dropped a block of %d bytes that is no HL7 message", len(block))
             return None
         try:
             result = self.receiver.handleMessage(container)
@@ -518,40 +542,53 @@ class Session:
             answer.timer = self.loop.call_later(self.settings.handler_timeout, self._expired, answer, block, codec)
         return answer
 
-    def _observed(self, block: bytes) -> Reply:
-        """:meth:`dispatch`, timed, counted and logged in one line when its answer is ready."""
+    def _observed(self, block: bytes) -> Answer:
+        """:meth:`dispatch`, timed, counted and logged in one line when its answer is written or dropped."""
         started = self.loop.time()
         reply = self.dispatch(block)
-        if isinstance(reply, Answer):
-            reply.observed = (block, started)
-        else:
-            self._record(block, reply, started)
+        if not isinstance(reply, Answer):
+            answer, reply = reply, Answer()
+            reply.done = True
+            reply.value = answer
+        reply.observed = (block, self._header, started)
         return reply
 
-    def _record(self, block: bytes, answer: bytes | None, started: float) -> None:
+    def _record(self, answer: Answer, sent: bool) -> None:
+        """Count and log one message (:meth:`_observed`) now that its answer was written, or not."""
+        assert answer.observed is not None
+        block, header, started = answer.observed
+        answer.observed = None
         seconds = self.loop.time() - started
-        header = ack.read_header(block[: framing.HEAD_SIZE].decode("latin-1"))
         kind, control_id = (header.message_type, header.control_id) if header is not None else ("?", "?")
-        code = (ack.read_ack(answer.decode("latin-1"))[0] or "?") if answer is not None else "none"
+        reply = answer.value if answer.done else None
+        code = (ack.read_ack(reply.decode("latin-1"))[0] or "?") if reply is not None else "none"
         if self.engine.metrics is not None:
-            self.engine.metrics.record(kind, code, seconds)
+            self.engine.metrics.record(kind, code if sent or reply is None else "not sent", seconds)
         logged = message_log.isEnabledFor(logging.INFO)
         if not (logged or self.settings.log_content):
             return  # metrics only: no log record to carry the fields
-        fields = {"peer": self.peer, "message_type": kind, "control_id": control_id, "ack_code": code}
+        fields: dict[str, object] = {
+            "peer": self.peer,
+            "message_type": kind,
+            "control_id": control_id,
+            "ack_code": code,
+        }
+        if reply is not None and not sent:
+            fields["sent"] = False
         if logged:
             ms = round(seconds * 1000, 1)
-            message_log.info("%s %s %s %s %.1fms", self.peer, kind, control_id, code, ms, extra={**fields, "ms": ms})
+            outcome = code if sent or reply is None else f"{code} not sent"
+            message_log.info("%s %s %s %s %.1fms", self.peer, kind, control_id, outcome, ms, extra={**fields, "ms": ms})
         if self.settings.log_content:
             message = block.decode("utf-8", "backslashreplace")
-            reply = None if answer is None else answer.decode("utf-8", "backslashreplace")
+            text = None if reply is None else reply.decode("utf-8", "backslashreplace")
             content_log.info(
                 "%s %s message %r ACK %r",
                 self.peer,
                 control_id,
                 message,
-                reply,
-                extra={**fields, "hl7_message": message, "hl7_ack": reply},
+                text,
+                extra={**fields, "hl7_message": message, "hl7_ack": text},
             )
 
     async def _settle(self, awaitable: Any, container: Any, codec: Codec, answer: Answer) -> None:
@@ -568,17 +605,19 @@ class Session:
         answer.settle(self._nak(block, ack.HANDLER_TIMEOUT, codec))
 
     def _failed(self, failure: Failure, container: Any, codec: Codec) -> bytes | None:
-        """A handler failed: log it once, and answer with ``container.err(failure)``."""
+        """A handler failed: log it once, and answer with ``container.err(failure)``.
+
+        The log says where it failed, not what the exception says: its text
+        may quote the message (see :mod:`hl7bridge.failures`).
+        """
         log.error(
-            "%s: handleMessage failed: %s",
-            self.peer,
-            failure.getErrorMessage(),
-            exc_info=(failure.type, failure.value, failure.getTracebackObject()),
+            "%s: handleMessage failed: %s\n%s", self.peer, failures.summary(failure), failures.traceback_text(failure)
         )
+        self._log_content_failure("handleMessage", failure)
         try:
             return self._encode(container.err(failure), codec)
         except Exception:
-            log.exception("%s: the container's err() failed too", self.peer)
+            log.error("%s: the container's err() failed too: %s", self.peer, failures.summary(Failure()))
         # The NAK reads only the MSH, which latin-1 carries whatever the codec.
         raw = getattr(container, "raw_message", "")
         return self._nak(raw.encode("latin-1", "replace"), ack.HANDLER_FAILED, (codec[0], "replace"))
@@ -597,7 +636,7 @@ class Session:
         try:
             return text.encode(*codec)
         except UnicodeEncodeError:
-            log.warning("%s: ACK does not encode as %s; unencodable characters replaced", self.peer, codec[0])
+            self._problem("ACK does not encode", "ACK does not encode as %s; unencodable characters replaced", codec[0])
             return text.encode(codec[0], "replace")
 
     def _nak(self, block: bytes, rejection: ack.Rejection, codec: Codec, partial: bool = False) -> bytes | None:
@@ -613,27 +652,72 @@ class Session:
         if partial and header is not None and len(header.segment) >= len(text.lstrip()):
             header = None
         if header is None:
-            log.warning("%s: %s, and no MSH segment to answer; dropped without ACK", self.peer, rejection.text)
+            self._problem("no MSH to answer", "%s, and no MSH segment to answer; dropped without ACK", rejection.text)
             return None
-        log.warning("%s: %s %s: %s", self.peer, rejection.code, header.control_id, rejection.text)
+        fault = ack.header_fault(header)
+        if fault is not None and fault not in ack.ANSWERABLE:
+            self._problem(fault.text, "%s, and %s to answer it; dropped without ACK", rejection.text, fault.text)
+            return None
+        self._problem(rejection.text, "%s %s: %s", rejection.code, header.control_id, rejection.text)
         return self._encode(ack.build_nak(header, rejection), codec)
+
+    def _refuse(self, block: bytes, header: ack.Header | None, fault: ack.Rejection, codec: Codec) -> bytes | None:
+        """An HL7 message whose MSH cannot identify it: an AR if it can be answered, else dropped."""
+        if header is None or fault not in ack.ANSWERABLE:
+            # No control id to put in MSA-2 (or no way to read it): any answer would mislead.
+            self._problem(fault.text, "message with %s; dropped without ACK", fault.text)
+            return None
+        return self._nak(block, fault, codec)
+
+    def _log_content_failure(self, what: str, failure: Failure) -> None:
+        """With ``log_content`` only: the failure in full, text and traceback, on the content logger."""
+        if self.settings.log_content:
+            content_log.error(
+                "%s: %s failed", self.peer, what, exc_info=(failure.type, failure.value, failure.getTracebackObject())
+            )
+
+    def _problem(self, kind: str, text: str, *args: object) -> None:
+        """A peer caused a problem: log it if it is the first of its kind here, and count it."""
+        problems = self._problems
+        if problems is None:
+            problems = self._problems = {}
+            self._summary_due = self.loop.time() + PROBLEM_SUMMARY_INTERVAL
+        seen = problems.get(kind, 0)
+        problems[kind] = seen + 1
+        if self.engine.metrics is not None:
+            self.engine.metrics.problem(kind)
+        if not seen:
+            log.warning("%s: " + text, self.peer, *args)
+            return
+        self._unreported += 1
+        if self.loop.time() >= self._summary_due:
+            self._summarise()
+
+    def _summarise(self) -> None:
+        """One line with the count of each kind of problem so far, if any went unlogged."""
+        if self._unreported and self._problems:
+            counts = ", ".join(f"{kind} x{count}" for kind, count in self._problems.items())
+            log.warning("%s: problems on this connection so far: %s", self.peer, counts)
+            self._unreported = 0
+        self._summary_due = self.loop.time() + PROBLEM_SUMMARY_INTERVAL
 
     # Answers out, in arrival order
 
     def _submit(self, reply: Reply) -> None:
         """Queue a reply behind those of earlier messages; send what is ready."""
-        if isinstance(reply, Answer):
+        if self._pending:
+            if isinstance(reply, Answer):
+                reply.session = self
+            self._pending.append(reply)
+        elif not isinstance(reply, Answer):
+            self._send(reply)
+        elif reply.done:
+            self._deliver(reply)
+        else:
             reply.session = self
             self._pending.append(reply)
-        elif self._pending:
-            self._pending.append(reply)
-        else:
-            self._send(reply)
 
     def _settled(self, answer: Answer) -> None:
-        if answer.observed is not None:
-            block, started = answer.observed
-            self._record(block, answer.value, started)
         if not self._closed and self._pending and self._pending[0] is answer:
             self._flush()
 
@@ -645,12 +729,19 @@ class Session:
             if isinstance(head, Answer):
                 if not head.done:
                     break
-                head = head.value
-            pending.pop(0)
-            self._send(head)
+                pending.pop(0)
+                self._deliver(head)
+            else:
+                pending.pop(0)
+                self._send(head)
         if self._held is not None:
             self._release()
         self._close_if_answered()
+
+    def _deliver(self, answer: Answer) -> None:
+        sent = self._send(answer.value)
+        if answer.observed is not None:
+            self._record(answer, sent)
 
     def _abandon_pending(self) -> None:
         """The connection is closing: replies still to come can no longer be sent."""
@@ -662,23 +753,27 @@ class Session:
                     reply.timer.cancel()
                 if reply.task is not None:
                     self.engine._adopt(reply.task)
+                if reply.observed is not None:
+                    self._record(reply, sent=False)
             unsent += 1
         if unsent:
             log.warning("%s: connection closed with %d ACKs unsent", self.peer, unsent)
         self._pending.clear()
         self._held = self._unread = None
 
-    def _send(self, data: bytes | None) -> None:
+    def _send(self, data: bytes | None) -> bool:
+        """Write one answer (None: nothing to write); False if the connection was gone."""
         if data is None:
-            return
+            return True
         if self.writer.is_closing():
-            log.warning("%s: connection closed before an ACK could be sent", self.peer)
-            return
+            self._problem("ACK not sent", "connection closed before an ACK could be sent")
+            return False
         self.writer.writeblock(data)
         if self.writer.transport.get_write_buffer_size() > WRITE_BACKLOG and not self._paused & _BACKLOG:
             # The peer is not reading its ACKs: read no more until it does.
             self._pause(_BACKLOG)
             self._drain_task = self.loop.create_task(self._drain())
+        return True
 
     async def _drain(self) -> None:
         try:
@@ -701,18 +796,13 @@ class Session:
 
     # Timeouts
 
-    def _note_deviation(self, kind: str, offset: int) -> None:
-        if kind not in self._deviations:
-            self._deviations += (kind,)
-            log.warning("%s: framing deviation tolerated: %s at byte %d", self.peer, kind, offset)
-
     def _track_frame(self, finished: bool) -> None:
         """Note when the message now arriving started, for ``frame_timeout``.
 
         Only a finished message restarts the clock: a sender that keeps
         restarting a block (or dribbling junk) does not.
         """
-        if not self._deframer.incomplete:
+        if not self._deframer.waiting:
             self._frame_started = None
         elif finished or self._frame_started is None:
             # A new message started in this read.

@@ -94,6 +94,19 @@ def control_id(text: str) -> str:
     return msh[9] if len(msh) > 9 else ""
 
 
+def msh_complete(text: str) -> bool:
+    """Whether the MSH has the fields an ACK needs (MSH-2, MSH-9, MSH-10), by plain splitting.
+
+    hl7bridge answers a message that lacks MSH-2 or MSH-9 with AR "required
+    field missing", and one that lacks MSH-10 not at all; txHL7 answered some
+    of these with an ordinary ACK.
+    """
+    segments = re.split("[\r\n]", text.lstrip())
+    segment = next((s for s in segments if s.startswith("MSH")), "")
+    msh = segment.split(segment[3]) if len(segment) > 3 else []
+    return len(msh) > 9 and all(msh[index].strip() for index in (1, 8, 9))
+
+
 # The engine behind each port that listening() serves, for tests that look inside.
 ENGINES: dict[int, Engine] = {}
 

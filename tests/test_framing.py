@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,42 @@ def test_any_stream_gives_the_same_events_however_it_is_cut(
             assert 0 < len(event.data) <= limit
         elif isinstance(event, f.Oversized):
             assert event.size > limit and len(event.head) == min(event.size, f.HEAD_SIZE)
+
+
+# What a hostile or broken peer may send for as long as it likes, in the 64 KiB
+# reads a socket delivers: junk with neither VT nor FS, whitespace, and blocks
+# restarted every few bytes.
+HOSTILE_READS = {
+    "junk": b"x" * 65536,
+    "whitespace": b" \r\n\t" * 16384,
+    "restarted blocks": (VT + b"MSH|^~\\&|") * 6553,
+}
+
+
+def cpu_per_megabyte(read: bytes, megabytes: int) -> float:
+    deframer = f.Deframer()
+    started = time.process_time()
+    for _ in range(megabytes * (1 << 20) // len(read)):
+        deframer.feed(read)
+    return (time.process_time() - started) / megabytes
+
+
+@pytest.mark.parametrize("kind", HOSTILE_READS)
+def test_deframing_costs_time_linear_in_the_bytes_whatever_they_are(kind: str) -> None:
+    """CPU per MB stays flat from 1 to 32 MB (a search from the start of the buffer on every read did not)."""
+    read = HOSTILE_READS[kind]
+    small = min(cpu_per_megabyte(read, 1) for _ in range(3))
+    large = cpu_per_megabyte(read, 32)
+    assert large < 3 * small + 0.002, (kind, small, large)
+
+
+def test_whitespace_and_junk_keep_the_deframer_waiting_but_a_block_ending_does_not() -> None:
+    deframer = f.Deframer()
+    deframer.feed(VT + M1 + FS + CR + b"\n")
+    assert not deframer.waiting  # CR LF after FS is how some senders end a block
+    deframer.feed(b"  ")
+    assert deframer.waiting  # more whitespace than that is a peer stuck between blocks
+    deframer.feed(VT + M2 + FS + CR)
+    assert not deframer.waiting
+    deframer.feed(b"junk")
+    assert deframer.waiting

@@ -112,10 +112,24 @@ def expected_ids(stream: bytes) -> list[str]:
                 text = event.data.decode("latin-1")  # answered with an AR all the same
             start = text.lstrip()
             if start.startswith("MSH") and len(start) > 3 and start[3] not in "\r\n":
+                msh = start
+            elif start.startswith(("FHS", "BHS")) and (inner := re.search("[\r\n]MSH[^\r\n]", start)):
+                msh = start[inner.start() + 1 :]  # a batch: answered for its first message
+            else:
+                continue
+            if identifies_itself(msh):
                 ids.append(control_id(text))
-            elif start.startswith(("FHS", "BHS")) and re.search("[\r\n]MSH[^\r\n]", start):
-                ids.append(control_id(text))  # a batch: answered for its first message
     return ids
+
+
+def identifies_itself(msh: str) -> bool:
+    """Whether an ACK can name this message: sane separators (MSH-1, MSH-2) and an MSH-10."""
+    segment = re.split("[\r\n]", msh, maxsplit=1)[0]
+    separators = segment[3] + segment[4:].split(segment[3], 1)[0]
+    sane = len(separators) <= 6 and len(set(separators)) == len(separators)
+    sane = sane and not any(c.isalnum() or c.isspace() for c in separators)
+    fields = segment.split(segment[3])
+    return sane and len(fields) > 9 and bool(fields[9].strip())
 
 
 async def send_in_pieces(peer: Peer, stream: bytes, cuts: list[int]) -> None:

@@ -34,6 +34,7 @@ from tests.support import (
     listening,
     message,
     msa,
+    msh_complete,
     open_fds,
 )
 from tests.test_session import Recording, exchange, ids
@@ -478,7 +479,7 @@ async def test_load_300_connections_30_messages_each_acked_exactly_once(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="hl7bridge")
     try:
-        texts = [text for _, text in corpus_messages() if text.startswith("MSH")]
+        texts = [text for _, text in corpus_messages() if text.startswith("MSH") and msh_complete(text)]
     except pytest.skip.Exception:
         texts = [message(f"OWN{i}") for i in range(30)]
 

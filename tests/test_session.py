@@ -198,9 +198,12 @@ async def test_failure_goes_to_err_which_answers_ar_and_is_logged_once(
         ["AR", "CORO"],
         ["AA", "OK2"],
     ]
-    failures = [r for r in caplog.records if "handleMessage failed" in r.getMessage()]
+    failures = [r.getMessage() for r in caplog.records if "handleMessage failed" in r.getMessage()]
     assert len(failures) == 3
-    assert {r.exc_info[0] for r in failures if r.exc_info} == {RuntimeError, KeyError, ValueError}
+    assert [line.split(": ")[2].split()[0] for line in failures] == ["RuntimeError", "KeyError", "ValueError"]
+    # Where it failed, not what the exception said (it may quote the message).
+    assert "in handleMessage (" in failures[0] and "in failing_coroutine (" in failures[2]
+    assert not any(text in line for line in failures for text in ("handler bug", "lookup failed"))
 
 
 class ErrorIsAE(AbstractHL7Receiver):
@@ -353,12 +356,19 @@ async def test_deviations_are_logged_once_per_connection_without_content(
 ) -> None:
     data = b"".join(VT + message(f"D{i}").encode() + FS for i in range(3))  # FS without CR, three times
     await exchange(face, Recording(), data, 3)
-    logged = [r.getMessage() for r in caplog.records if r.name.startswith("hl7bridge")]
+    for _ in range(100):  # the listener may see the connection close after the peer has moved on
+        logged = [r.getMessage() for r in caplog.records if r.name.startswith("hl7bridge")]
+        if any(line.endswith(": closed") for line in logged):
+            break
+        await asyncio.sleep(0.05)
     # Once, with its kind and the stream offset of the byte where CR was due.
     first = len(VT + message("D0").encode() + FS)
-    deviations = [line for line in logged if "end block not followed by CR" in line]
+    deviations = [line for line in logged if "framing deviation tolerated" in line]
     assert len(deviations) == 1
     assert deviations[0].endswith(f": framing deviation tolerated: end block not followed by CR at byte {first}")
+    # The repeat is counted, and the count given once when the connection closes.
+    [summary] = [line for line in logged if "problems on this connection" in line]
+    assert summary.endswith(": problems on this connection so far: framing: end block not followed by CR x2")
     assert not [line for line in logged if "DOE" in line or "SENDAPP" in line]
 
 
