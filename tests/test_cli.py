@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -18,15 +19,22 @@ from tests.test_docs import Lines
 
 ROOT = Path(__file__).resolve().parents[1]
 MLLP_SEND = Path(sys.executable).with_name("mllp_send")
+HL7BRIDGE = (sys.executable, "-m", "hl7bridge")
+
+
+def without_pythonpath() -> dict[str, str]:
+    """This process's environment without PYTHONPATH: commands find what their install gives them."""
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
 
 class Server:
     """``hl7bridge serve`` in a subprocess; its log is read in a thread, so every wait has a deadline."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, program: Sequence[str] = HL7BRIDGE, cwd: Path = ROOT) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hl7bridge", "serve", "--endpoint", "tcp:0:interface=127.0.0.1", *args],
-            cwd=ROOT,
+            [*program, "serve", "--endpoint", "tcp:0:interface=127.0.0.1", *args],
+            cwd=cwd,
+            env=without_pythonpath(),
             stderr=subprocess.PIPE,
             text=True,
         )

@@ -25,9 +25,9 @@ Where a block runs
     keys (``bridge-cert.pem``, ``sender.pem``, ...), each self-signed for 127.0.0.1
     and trusted by the other (``senders-ca.pem``, ``bridge-ca.pem``); and
     every file that a block above it in the same document stands for, later blocks
-    replacing earlier ones. The project and the checkout (where twistd finds
-    hl7bridge's plugin) are on PYTHONPATH, and this interpreter's bin folder is
-    first on PATH. Commands run in ``sh``.
+    replacing earlier ones. The project is on PYTHONPATH (hl7bridge and its
+    twistd plugin come from this interpreter's install, as a user's do), and this
+    interpreter's bin folder is first on PATH. Commands run in ``sh``.
 
 What changes, mechanically, in a block and in its project's files
     Each documented port (PORTS) becomes a free port; a ``tcp:PORT`` endpoint gets
@@ -456,7 +456,7 @@ class Project:
     def env(self, **extra: str) -> dict[str, str]:
         return environment(
             PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-            PYTHONPATH=os.pathsep.join([str(self.folder), str(ROOT)]),
+            PYTHONPATH=str(self.folder),
             **extra,
         )
 
