@@ -27,6 +27,7 @@ from typing import Any, cast
 from twisted.python import usage
 
 from hl7bridge import framing, tap
+from hl7bridge.errors import LocalError
 from hl7bridge.migration.shadow import ShadowReport
 
 log = logging.getLogger("hl7bridge.cli")
@@ -135,7 +136,8 @@ def serve(options: ServeOptions) -> int:
     try:
         factory = tap.build_factory(options)
     except Exception as exc:
-        log.error("cannot use receiver %s: %s: %s", options["receiver"], type(exc).__name__, exc)
+        problem = exc if isinstance(exc, LocalError) else tap.describe_failure(exc)
+        log.error("cannot use receiver %s: %s", options["receiver"], problem)
         return 2
     status = 0
     ports: list[Any] = []

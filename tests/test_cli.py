@@ -20,6 +20,8 @@ from tests.test_docs import Lines
 ROOT = Path(__file__).resolve().parents[1]
 MLLP_SEND = Path(sys.executable).with_name("mllp_send")
 HL7BRIDGE = (sys.executable, "-m", "hl7bridge")
+# The console script, run as a user runs it (tests/test_twistd.py runs it from a wheel too).
+SCRIPT = str(Path(sys.executable).with_name("hl7bridge"))
 
 
 def without_pythonpath() -> dict[str, str]:
@@ -104,10 +106,71 @@ def test_serve_runs_a_legacy_txhl7_receiver_module(tmp_path: Path) -> None:
         assert server.stop(signal.SIGTERM) == 0
 
 
-def _hl7bridge(*args: str, stdin: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+def _hl7bridge(
+    *args: str, stdin: bytes | None = None, timeout: float = 120, program: Sequence[str] = HL7BRIDGE, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "hl7bridge", *args], cwd=ROOT, input=stdin, capture_output=True, timeout=timeout
+        [*program, *args], cwd=cwd, env=without_pythonpath(), input=stdin, capture_output=True, timeout=timeout
     )
+
+
+def write_app_package(folder: Path) -> Path:
+    """``folder`` made a user's project: ``myinterface/`` with a receiver, and modules that cannot be imported."""
+    package = folder / "myinterface"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "receivers.py").write_text(
+        "from hl7bridge.receiver import LoggingReceiver\n\n\nclass AdmissionsReceiver(LoggingReceiver):\n    pass\n"
+    )
+    (package / "needs_a_driver.py").write_text(
+        '"""A module whose dependency is not installed."""\n\nimport no_such_driver\n'
+    )
+    (package / "typo.py").write_text("def handle(message:\n    return None\n")
+    return folder
+
+
+def test_serve_finds_receivers_in_its_folder_or_app_dir(tmp_path: Path) -> None:
+    project = write_app_package(tmp_path / "project")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    receiver = ["--receiver", "myinterface.receivers.AdmissionsReceiver"]
+    for cwd, app_dir in ((project, []), (elsewhere, ["--app-dir", str(project)])):
+        server = Server(*receiver, *app_dir, program=[SCRIPT], cwd=cwd)
+        try:
+            sent = hl7bridge_send("-p", str(server.port), "127.0.0.1", stdin=message("APPDIR1").encode())
+            assert sent.returncode == 0 and b"MSA|AA|APPDIR1" in sent.stdout, sent.stderr
+        finally:
+            assert server.stop(signal.SIGTERM) == 0
+    shown = _hl7bridge("serve", "--help", program=[SCRIPT]).stdout.decode()
+    assert "--app-dir=" in shown and "current folder" in shown
+
+
+@pytest.mark.parametrize(
+    ("receiver", "shown"),
+    [
+        ("nomodule.Receiver", r"No module named 'nomodule' \(the import path starts with {folder}\)"),
+        ("myinterface.receivers.Missing", r"module 'myinterface\.receivers' has no attribute 'Missing'"),
+        ("myinterface.nomodule.Receiver", r"No module named 'myinterface\.nomodule'"),
+        (
+            "myinterface.needs_a_driver.Receiver",
+            r"importing myinterface\.needs_a_driver failed: ModuleNotFoundError: No module named 'no_such_driver' "
+            r"\({folder}/myinterface/needs_a_driver\.py, line 3\)",
+        ),
+        (
+            "myinterface.typo.handle",
+            r"importing myinterface\.typo failed: SyntaxError: .+ \({folder}/myinterface/typo\.py, line 1\)",
+        ),
+    ],
+)
+def test_serve_shows_why_a_receiver_cannot_be_imported(tmp_path: Path, receiver: str, shown: str) -> None:
+    write_app_package(tmp_path)
+    result = _hl7bridge("serve", "-e", "tcp:0:interface=127.0.0.1", "-r", receiver, program=[SCRIPT], cwd=tmp_path)
+    assert result.returncode == 2
+    error = result.stderr.decode()
+    assert re.search(
+        f"cannot use receiver {re.escape(receiver)}: " + shown.format(folder=re.escape(str(tmp_path))), error
+    )
+    assert "Traceback" not in error
 
 
 def test_bad_receiver_is_reported_and_exits_non_zero() -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop.test_endpoints import mtls_endpoint, mutual_tls_files
-from tests.test_cli import ROOT, Server, mllp_send, without_pythonpath
+from tests.test_cli import ROOT, Server, mllp_send, without_pythonpath, write_app_package
 from tests.test_docs import Lines
 
 # What setup.cfg packages: the sources of the wheel, and nothing else of the checkout.
@@ -233,3 +233,22 @@ def test_twistd_without_the_asyncio_reactor_says_what_to_add(twistd: Callable[..
     out = process.finish(timeout=60)
     assert process.process.returncode != 0
     assert "Add --reactor asyncio" in out
+
+
+def test_twistd_finds_receivers_in_its_folder_and_says_why_one_cannot_be_imported(
+    tmp_path: Path, twistd: Callable[..., Twistd]
+) -> None:
+    write_app_package(tmp_path)  # the folder twistd runs in
+    listen = ["--reactor", "asyncio", "hl7bridge", "-e", "tcp:0:interface=127.0.0.1"]
+    process = twistd(*listen, "--receiver", "myinterface.receivers.AdmissionsReceiver")
+    port = int(process.output.wait_for(r"MLLPFactory starting on (\d+)").group(1))
+    message_file = tmp_path / "m.hl7"
+    message_file.write_bytes(b"\x0bMSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|TWISTD03|P|2.5\rPID|1||1||X^Y\r\x1c\r")
+    assert "MSA|AA|TWISTD03" in mllp_send(port, message_file).replace("\r", "\n")
+    process.finish(signal.SIGTERM)
+    process = twistd(*listen, "--receiver", "myinterface.needs_a_driver.Receiver")
+    out = process.finish(timeout=60)
+    assert process.process.returncode == 2
+    where = f"({tmp_path}/myinterface/needs_a_driver.py, line 3)"
+    assert f"ModuleNotFoundError: No module named 'no_such_driver' {where}" in out
+    assert "Traceback" not in out
