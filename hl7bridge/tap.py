@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Any, NoReturn, cast
@@ -114,8 +115,37 @@ def use_app_dir(folder: str) -> None:
         sys.path.insert(0, folder)
 
 
-def _optional(kind: type) -> Any:
-    return lambda text: None if text.lower() == "none" else kind(text)
+def number(option: str, kind: Callable[[str], Any], what: str, none: bool = False) -> Callable[[str], Any]:
+    """A ``usage.Options`` coercer for ``--option``; ``none`` lets ``none`` stand for None.
+
+    Its error names the option as typed (``--idle-timeout: 'abc' is not a number
+    of seconds (or none)``): Twisted's own would show Python's ``could not convert
+    string to float``, without the option.
+    """
+
+    def coerce(text: str) -> Any:
+        if none and text.lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise usage.UsageError(f"--{option}: {text!r} is not {what}{' (or none)' if none else ''}") from None
+
+    return coerce
+
+
+def print_version(options: usage.Options) -> None:
+    """Print hl7bridge's version and exit"""
+    from hl7bridge import __version__
+
+    print(f"hl7bridge {__version__}")
+    sys.exit(0)
+
+
+def _setting(option: str, help: str, kind: Callable[[str], Any], what: str, none: bool = False) -> list[Any]:
+    """The ``optParameters`` row of the listener setting ``option`` names, with the setting's default."""
+    default = getattr(Settings(), option.replace("-", "_"))
+    return [option, None, default, help + (" (or none)" if none else ""), number(option, kind, what, none)]
 
 
 class Options(usage.Options):
@@ -123,7 +153,6 @@ class Options(usage.Options):
 
     synopsis = "[options]"
 
-    _defaults = Settings()
     optParameters = [
         ["receiver", "r", DEFAULT_RECEIVER, "dotted path of an IHL7Receiver class or instance"],
         [
@@ -133,15 +162,28 @@ class Options(usage.Options):
             "folder put first on the import path, where --receiver's module is looked for: the current folder "
             "by default, as with python -m, uvicorn and gunicorn",
         ],
-        ["framing", None, _defaults.framing, "lenient or strict"],
-        ["max-message-size", None, _defaults.max_message_size, "largest message in bytes", int],
-        ["max-connections", None, _defaults.max_connections, "connections at once (or none)", _optional(int)],
-        ["max-connections-per-peer", None, _defaults.max_connections_per_peer, "per address (or none)", _optional(int)],
-        ["max-in-flight", None, _defaults.max_in_flight, "messages handled at once per connection", int],
-        ["idle-timeout", None, _defaults.idle_timeout, "seconds (or none)", _optional(float)],
-        ["frame-timeout", None, _defaults.frame_timeout, "seconds (or none)", _optional(float)],
-        ["handler-timeout", None, _defaults.handler_timeout, "seconds (or none)", _optional(float)],
-        ["drain-timeout", None, _defaults.drain_timeout, "seconds", float],
+        ["framing", None, Settings().framing, "lenient or strict"],
+        _setting("max-message-size", "largest message in bytes", int, "a number of bytes"),
+        _setting("max-connections", "connections at once", int, "a whole number", none=True),
+        _setting(
+            "max-connections-per-peer",
+            "connections at once from one address; no limit by default",
+            int,
+            "a whole number",
+            none=True,
+        ),
+        _setting("max-in-flight", "messages handled at once per connection", int, "a whole number"),
+        _setting(
+            "idle-timeout",
+            "seconds without a byte before a connection is closed; the receiver's getTimeout() wins "
+            "when it gives a number",
+            float,
+            "a number of seconds",
+            none=True,
+        ),
+        _setting("frame-timeout", "seconds a message may take to arrive", float, "a number of seconds", none=True),
+        _setting("handler-timeout", "seconds a handler may take before AE", float, "a number of seconds", none=True),
+        _setting("drain-timeout", "seconds to answer what is in flight on stop", float, "a number of seconds"),
     ]
     optParameters += [["metrics-endpoint", None, None, "serve Prometheus metrics at /metrics on this endpoint"]]
     optFlags = [
@@ -153,6 +195,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["endpoints"] = []
+
+    opt_version = print_version
 
     def opt_endpoint(self, description: str) -> None:
         """Twisted server endpoint string to listen on; repeat it to listen on several [default: tcp:2575]"""
@@ -174,7 +218,11 @@ class Options(usage.Options):
         try:
             Settings(**self.settings())
         except ValueError as exc:
-            raise usage.UsageError(str(exc)) from exc
+            # Settings names its fields (max_connections must be ...): here they are options.
+            field, _, rest = str(exc).partition(" ")
+            if field not in {setting.name for setting in fields(Settings)}:
+                raise usage.UsageError(str(exc)) from exc
+            raise usage.UsageError(f"--{field.replace('_', '-')} {rest.replace('None', 'none')}") from exc
 
 
 #: Attributes every ``logging.LogRecord`` has; any other attribute was given as ``extra``.

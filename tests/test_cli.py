@@ -185,6 +185,8 @@ def test_endpoint_in_use_is_reported_and_exits_non_zero(message_file: Path) -> N
         result = _hl7bridge("serve", "--endpoint", f"tcp:{server.port}:interface=127.0.0.1", timeout=30)
         assert result.returncode == 1
         assert "cannot listen on" in result.stderr.decode()
+        # It never served, so it has nothing in flight to answer.
+        assert "stopping" not in result.stderr.decode()
     finally:
         server.stop(signal.SIGTERM)
 
@@ -329,9 +331,22 @@ def test_send_shows_progress_on_a_terminal_or_when_asked(tmp_path: Path) -> None
 def test_version() -> None:
     from hl7bridge import __version__
 
-    for command in ([], ["send"]):
-        result = _hl7bridge(*command, "--version")
-        assert result.stdout.decode().strip() == f"hl7bridge {__version__}"
+    for command in ([], ["serve"], ["send"], ["shadow-report"]):
+        result = _hl7bridge(*command, "--version", program=[SCRIPT])
+        assert result.stdout.decode().strip() == f"hl7bridge {__version__}", command
+
+
+def test_send_reports_a_file_it_cannot_read_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.hl7"
+    result = _hl7bridge("send", "127.0.0.1", str(missing), program=[SCRIPT], cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.decode().splitlines()
+    assert line.endswith(f"cannot read {missing}: No such file or directory")
+
+
+def test_serve_help_says_the_receivers_timeout_wins() -> None:
+    shown = " ".join(_hl7bridge("serve", "--help", program=[SCRIPT]).stdout.decode().split())
+    assert "--idle-timeout= seconds without a byte before a connection is closed; the receiver's getTimeout()" in shown
 
 
 def test_serve_takes_limits_and_uvloop_from_its_options(tmp_path: Path) -> None:
@@ -351,13 +366,24 @@ def test_serve_takes_limits_and_uvloop_from_its_options(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("option", "value", "complaint"),
     [
-        ("--max-in-flight", "0", "max_in_flight must be at least 1"),
-        ("--frame-timeout", "-1", "frame_timeout must be more than 0"),
-        ("--framing", "sloppy", "framing must be one of"),
+        ("--max-in-flight", "0", "--max-in-flight must be at least 1"),
+        ("--max-connections", "0", "--max-connections must be at least 1"),
+        ("--frame-timeout", "-1", "--frame-timeout must be more than 0"),
+        ("--framing", "sloppy", "--framing must be one of"),
         ("--log-format", "xml", "--log-format must be one of"),
+        ("--idle-timeout", "abc", "--idle-timeout: 'abc' is not a number of seconds (or none)"),
+        ("--max-message-size", "1.5", "--max-message-size: '1.5' is not a number of bytes"),
+        ("--app-dir", "/no/such/folder", "--app-dir: no folder '/no/such/folder'"),
     ],
 )
 def test_serve_refuses_a_bad_option_value(option: str, value: str, complaint: str) -> None:
     result = _hl7bridge("serve", option, value)
     assert result.returncode == 2
-    assert complaint in result.stderr.decode()
+    # The last line names the option as typed, not the setting's Python name.
+    assert result.stderr.decode().splitlines()[-1].startswith(f"hl7bridge: {complaint}")
+
+
+def test_send_names_the_option_of_a_bad_number() -> None:
+    result = _hl7bridge("send", "--timeout", "soon", "127.0.0.1")
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == "hl7bridge: --timeout: 'soon' is not a number of seconds"
