@@ -19,6 +19,7 @@ or from the plain ``hl7.mllp`` loop, and an AR from hl7bridge (MIGRATION.md, sta
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -313,3 +314,17 @@ def test_the_examples_readme_gives_the_commands_run_here() -> None:
     text = (EXAMPLES / "README.md").read_text(encoding="utf-8")
     missing = [stage.documented for stage in STAGES if stage.documented not in text]
     assert missing == []
+
+
+def test_stage_6_stops_quietly_on_ctrl_c() -> None:
+    [stage] = [stage for stage in STAGES if stage.name == "6"]
+    process = start(stage)
+    output = Lines(process.stdout)
+    try:
+        output.wait_for(LISTENING.pattern)
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        process.wait(timeout=20)
+    finally:
+        stop(process)
+    printed = output.rest()
+    assert "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed
