@@ -10,7 +10,7 @@ heap from the start and, on each SIGUSR1, writes a snapshot to DIR (``0.snapshot
 
 Every listener raises its soft limit of open files to the hard limit, and the
 hl7bridge listeners turn off hl7bridge's connection limits (``max_connections``
-1000 and ``max_connections_per_peer`` 100 by default): the memory benchmark
+1000 by default, and ``max_connections_per_peer`` if set): the memory benchmark
 holds 5,000 connections, all from 127.0.0.1.
 
 Every listener acknowledges every message with AA. What differs is the stack

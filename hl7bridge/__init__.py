@@ -14,6 +14,7 @@ from hl7bridge.errors import (
     MissingExtra,
     NegativeAck,
     NotAReceiver,
+    ReceiverNotLoaded,
     RemoteError,
     WrongReactor,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "MissingExtra",
     "NegativeAck",
     "NotAReceiver",
+    "ReceiverNotLoaded",
     "RemoteError",
     "Sender",
     "Settings",

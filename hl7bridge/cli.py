@@ -19,6 +19,7 @@ import re
 import ssl
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from typing import Any, cast
 from twisted.python import usage
 
 from hl7bridge import framing, tap
+from hl7bridge.errors import LocalError
 from hl7bridge.migration.shadow import ShadowReport
 
 log = logging.getLogger("hl7bridge.cli")
@@ -54,24 +56,28 @@ class ServeOptions(tap.Options):
             raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
 
 
-def _print_version(options: usage.Options) -> None:
-    """Print hl7bridge's version and exit"""
-    from hl7bridge import __version__
-
-    print(f"hl7bridge {__version__}")
-    sys.exit(0)
-
-
 class SendOptions(usage.Options):
     """Options of ``hl7bridge send``; python-hl7's ``mllp_send`` options work too."""
 
     synopsis = "[options] HOST [FILE ...]"
     optParameters = [
-        ["port", "p", 2575, "port to connect to", int],
+        ["port", "p", 2575, "port to connect to", tap.number("port", int, "a port number")],
         ["file", "f", None, "read messages from FILE (as mllp_send); more files may follow HOST"],
-        ["timeout", "t", 30.0, "seconds to wait for each ACK", float],
-        ["connect-timeout", None, 10.0, "seconds to connect", float],
-        ["retries", None, 0, "reconnect and send again this many times on a failed connection or timeout", int],
+        ["timeout", "t", 30.0, "seconds to wait for each ACK", tap.number("timeout", float, "a number of seconds")],
+        [
+            "connect-timeout",
+            None,
+            10.0,
+            "seconds to connect",
+            tap.number("connect-timeout", float, "a number of seconds"),
+        ],
+        [
+            "retries",
+            None,
+            0,
+            "reconnect and send again this many times on a failed connection or timeout",
+            tap.number("retries", int, "a whole number"),
+        ],
         ["encoding", None, "utf-8", "codec of the messages and ACKs"],
         ["cafile", None, None, "CA certificates to verify the listener with (implies --tls)"],
         ["cert", None, None, "client certificate for mutual TLS (implies --tls)"],
@@ -84,7 +90,7 @@ class SendOptions(usage.Options):
         ["loose", None, "accepted for mllp_send: segments may end with LF or CRLF (always true here)"],
     ]
 
-    opt_version = _print_version
+    opt_version = tap.print_version
 
     def parseArgs(self, host: str, *files: str) -> None:  # type: ignore[override]  # noqa: N802
         self["host"] = host
@@ -94,11 +100,17 @@ class SendOptions(usage.Options):
 class ShadowReportOptions(usage.Options):
     """Options of ``hl7bridge shadow-report``."""
 
-    synopsis = "[options] METRICS_URL"
-    optParameters = [["timeout", "t", 10.0, "seconds to wait for the answer", float]]
+    synopsis = "[options] HOST:PORT[/metrics] or URL"
+    optParameters = [
+        ["timeout", "t", 10.0, "seconds to wait for the answer", tap.number("timeout", float, "a number of seconds")]
+    ]
+
+    opt_version = tap.print_version
 
     def parseArgs(self, url: str) -> None:  # type: ignore[override]  # noqa: N802
-        self["url"] = url if "://" in url else f"http://{url}"
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        # HOST:PORT alone means the page that serve --metrics-endpoint serves.
+        self["url"] = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") or "/metrics"))
 
 
 class CommandOptions(usage.Options):
@@ -109,7 +121,7 @@ class CommandOptions(usage.Options):
         ["shadow-report", None, ShadowReportOptions, "print the shadow report of a running serve, from its /metrics"],
     ]
 
-    opt_version = _print_version
+    opt_version = tap.print_version
 
     def postOptions(self) -> None:  # noqa: N802
         if self.subCommand is None:
@@ -135,13 +147,15 @@ def serve(options: ServeOptions) -> int:
     try:
         factory = tap.build_factory(options)
     except Exception as exc:
-        log.error("cannot use receiver %s: %s: %s", options["receiver"], type(exc).__name__, exc)
+        problem = exc if isinstance(exc, LocalError) else tap.describe_failure(exc)
+        log.error("cannot use receiver %s: %s", options["receiver"], problem)
         return 2
     status = 0
     ports: list[Any] = []
 
     def stop() -> Any:
-        log.info("stopping: no new connections, answering what is in flight")
+        if status == 0:  # else it stops because an endpoint could not listen, as logged
+            log.info("stopping: no new connections, answering what is in flight")
         for port in ports:
             port.stopListening()
         return tap.drain_and_report(factory)
@@ -291,9 +305,18 @@ async def send_all(options: SendOptions, messages: list[bytes]) -> int:
 
 def send(options: SendOptions) -> int:
     """``hl7bridge send``: the messages of the files given (stdin without any)."""
-    data = (
-        b"".join(open(path, "rb").read() for path in options["files"]) if options["files"] else sys.stdin.buffer.read()
-    )
+    if not options["files"]:
+        data = sys.stdin.buffer.read()
+    else:
+        chunks = []
+        for path in options["files"]:
+            try:
+                with open(path, "rb") as file:
+                    chunks.append(file.read())
+            except OSError as exc:
+                log.error("cannot read %s: %s", path, exc.strerror or exc)
+                return 2
+        data = b"".join(chunks)
     messages = split_messages(data)
     if not messages:
         log.error("no HL7 message found in the input")

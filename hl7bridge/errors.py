@@ -63,6 +63,10 @@ class NotAReceiver(LocalError, TypeError):
     """An object given as a receiver lacks the IHL7Receiver methods."""
 
 
+class ReceiverNotLoaded(LocalError, ImportError):
+    """A receiver named by a dotted path could not be imported or created; the message says why and where."""
+
+
 class MissingExtra(LocalError, ImportError):
     """An optional feature was asked for, but its extra is not installed."""
 

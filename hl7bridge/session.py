@@ -101,7 +101,7 @@ class Settings:
     handler_timeout: float | None = None
     max_in_flight: int = 32
     max_connections: int | None = 1000
-    max_connections_per_peer: int | None = 100
+    max_connections_per_peer: int | None = None
     follow_msh18: bool = False
     drain_timeout: float = 10.0
     metrics: bool = False
@@ -223,9 +223,12 @@ class Engine:
         limits = self.settings
         refused = None
         if limits.max_connections is not None and len(self._sessions) >= limits.max_connections:
-            refused = f"{len(self._sessions)} connections open, the limit"
+            refused = f"{len(self._sessions)} connections open, the limit set by max_connections (--max-connections)"
         elif limits.max_connections_per_peer is not None and self._per_peer[host] >= limits.max_connections_per_peer:
-            refused = f"{self._per_peer[host]} connections open from this address, the limit"
+            refused = (
+                f"{self._per_peer[host]} connections open from this address, "
+                "the limit set by max_connections_per_peer (--max-connections-per-peer)"
+            )
         if refused:
             log.warning("%s: connection refused: %s", _peer_name(peer), refused)
             writer.close()

@@ -8,12 +8,16 @@ receiver, one engine, several listeners. twistd must run the asyncio reactor:
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import os
 import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import fields
 from datetime import datetime, timezone
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from twisted.application import service, strports
 from twisted.internet.defer import Deferred
@@ -24,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from hl7bridge.defer import to_deferred
-from hl7bridge.errors import WrongReactor
+from hl7bridge.errors import LocalError, ReceiverNotLoaded, WrongReactor
 from hl7bridge.metrics import Metrics, prometheus_text
 from hl7bridge.migration.router import Router
 from hl7bridge.migration.shadow import ShadowReport
@@ -38,16 +42,110 @@ DEFAULT_ENDPOINT = "tcp:2575"
 migration_log = logging.getLogger("hl7bridge.migration")
 
 
+def describe_failure(exc: BaseException) -> str:
+    """What was raised, and where in the code that raised it: one line for a log or a usage error."""
+    if isinstance(exc, SyntaxError):
+        return f"{type(exc).__name__}: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    # The innermost frame that is neither this module's nor the import machinery's.
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if frame.filename != __file__ and not frame.filename.startswith("<frozen importlib")
+    ]
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _import(module: str) -> Any:
+    """``module`` imported, or None if it does not exist (as opposed to failing as it imports)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        # exc.name is the module that is missing: this one or a package it is in (try a shorter
+        # path then), or a module that this one imports (its own error, to report).
+        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+            return None
+        raise ReceiverNotLoaded(f"importing {module} failed: {describe_failure(exc)}") from exc
+    except Exception as exc:
+        raise ReceiverNotLoaded(f"importing {module} failed: {describe_failure(exc)}") from exc
+
+
 def load_receiver(path: str) -> Any:
-    """The receiver named by a dotted path: a class is instantiated with no arguments."""
-    from twisted.python.reflect import namedAny
+    """The receiver named by a dotted path: a class is instantiated with no arguments.
 
-    target = namedAny(path)
-    return target() if isinstance(target, type) else target
+    The longest leading part of ``path`` that is a module is imported, and the
+    rest is looked up in it as attributes.
+
+    Raises:
+        ReceiverNotLoaded: ``path`` names no module or object, or importing the
+            module or instantiating the class raised; the message names the
+            missing module or attribute, or the error raised and its file and line.
+    """
+    parts = path.split(".")
+    if len(parts) < 2 or not all(part.isidentifier() for part in parts):
+        raise ReceiverNotLoaded(f"{path!r} is not a dotted path such as package.module.Receiver")
+    for split in range(len(parts) - 1, 0, -1):
+        target = _import(".".join(parts[:split]))
+        if target is not None:
+            break
+    else:
+        start = os.path.abspath(sys.path[0] or os.curdir)
+        raise ReceiverNotLoaded(f"No module named {parts[0]!r} (the import path starts with {start})")
+    for number in range(split, len(parts)):
+        if not hasattr(target, parts[number]):
+            if number == split and number + 1 < len(parts):
+                raise ReceiverNotLoaded(f"No module named {'.'.join(parts[: number + 1])!r}")
+            known = ".".join(parts[:number])
+            raise ReceiverNotLoaded(
+                f"{'module ' if number == split else ''}{known!r} has no attribute {parts[number]!r}"
+            )
+        target = getattr(target, parts[number])
+    if not isinstance(target, type):
+        return target
+    try:
+        return target()
+    except Exception as exc:
+        raise ReceiverNotLoaded(f"creating {path}() failed: {describe_failure(exc)}") from exc
 
 
-def _optional(kind: type) -> Any:
-    return lambda text: None if text.lower() == "none" else kind(text)
+def use_app_dir(folder: str) -> None:
+    """Put ``folder`` first on the import path (once), where ``--receiver``'s module is looked for."""
+    folder = os.path.abspath(folder)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def number(option: str, kind: Callable[[str], Any], what: str, none: bool = False) -> Callable[[str], Any]:
+    """A ``usage.Options`` coercer for ``--option``; ``none`` lets ``none`` stand for None.
+
+    Its error names the option as typed (``--idle-timeout: 'abc' is not a number
+    of seconds (or none)``): Twisted's own would show Python's ``could not convert
+    string to float``, without the option.
+    """
+
+    def coerce(text: str) -> Any:
+        if none and text.lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise usage.UsageError(f"--{option}: {text!r} is not {what}{' (or none)' if none else ''}") from None
+
+    return coerce
+
+
+def print_version(options: usage.Options) -> None:
+    """Print hl7bridge's version and exit"""
+    from hl7bridge import __version__
+
+    print(f"hl7bridge {__version__}")
+    sys.exit(0)
+
+
+def _setting(option: str, help: str, kind: Callable[[str], Any], what: str, none: bool = False) -> list[Any]:
+    """The ``optParameters`` row of the listener setting ``option`` names, with the setting's default."""
+    default = getattr(Settings(), option.replace("-", "_"))
+    return [option, None, default, help + (" (or none)" if none else ""), number(option, kind, what, none)]
 
 
 class Options(usage.Options):
@@ -55,18 +153,37 @@ class Options(usage.Options):
 
     synopsis = "[options]"
 
-    _defaults = Settings()
     optParameters = [
         ["receiver", "r", DEFAULT_RECEIVER, "dotted path of an IHL7Receiver class or instance"],
-        ["framing", None, _defaults.framing, "lenient or strict"],
-        ["max-message-size", None, _defaults.max_message_size, "largest message in bytes", int],
-        ["max-connections", None, _defaults.max_connections, "connections at once (or none)", _optional(int)],
-        ["max-connections-per-peer", None, _defaults.max_connections_per_peer, "per address (or none)", _optional(int)],
-        ["max-in-flight", None, _defaults.max_in_flight, "messages handled at once per connection", int],
-        ["idle-timeout", None, _defaults.idle_timeout, "seconds (or none)", _optional(float)],
-        ["frame-timeout", None, _defaults.frame_timeout, "seconds (or none)", _optional(float)],
-        ["handler-timeout", None, _defaults.handler_timeout, "seconds (or none)", _optional(float)],
-        ["drain-timeout", None, _defaults.drain_timeout, "seconds", float],
+        [
+            "app-dir",
+            None,
+            os.curdir,
+            "folder put first on the import path, where --receiver's module is looked for: the current folder "
+            "by default, as with python -m, uvicorn and gunicorn",
+        ],
+        ["framing", None, Settings().framing, "lenient or strict"],
+        _setting("max-message-size", "largest message in bytes", int, "a number of bytes"),
+        _setting("max-connections", "connections at once", int, "a whole number", none=True),
+        _setting(
+            "max-connections-per-peer",
+            "connections at once from one address; no limit by default",
+            int,
+            "a whole number",
+            none=True,
+        ),
+        _setting("max-in-flight", "messages handled at once per connection", int, "a whole number"),
+        _setting(
+            "idle-timeout",
+            "seconds without a byte before a connection is closed; the receiver's getTimeout() wins "
+            "when it gives a number",
+            float,
+            "a number of seconds",
+            none=True,
+        ),
+        _setting("frame-timeout", "seconds a message may take to arrive", float, "a number of seconds", none=True),
+        _setting("handler-timeout", "seconds a handler may take before AE", float, "a number of seconds", none=True),
+        _setting("drain-timeout", "seconds to answer what is in flight on stop", float, "a number of seconds"),
     ]
     optParameters += [["metrics-endpoint", None, None, "serve Prometheus metrics at /metrics on this endpoint"]]
     optFlags = [
@@ -78,6 +195,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["endpoints"] = []
+
+    opt_version = print_version
 
     def opt_endpoint(self, description: str) -> None:
         """Twisted server endpoint string to listen on; repeat it to listen on several [default: tcp:2575]"""
@@ -91,13 +210,19 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:  # noqa: N802
         self["endpoints"] = self["endpoints"] or [DEFAULT_ENDPOINT]
+        if not os.path.isdir(self["app-dir"]):
+            raise usage.UsageError(f"--app-dir: no folder {self['app-dir']!r}")
         self["follow-msh18"] = bool(self["follow-msh18"])
         self["log-content"] = bool(self["log-content"])
         self["metrics"] = bool(self["metrics"] or self["metrics-endpoint"])
         try:
             Settings(**self.settings())
         except ValueError as exc:
-            raise usage.UsageError(str(exc)) from exc
+            # Settings names its fields (max_connections must be ...): here they are options.
+            field, _, rest = str(exc).partition(" ")
+            if field not in {setting.name for setting in fields(Settings)}:
+                raise usage.UsageError(str(exc)) from exc
+            raise usage.UsageError(f"--{field.replace('_', '-')} {rest.replace('None', 'none')}") from exc
 
 
 #: Attributes every ``logging.LogRecord`` has; any other attribute was given as ``extra``.
@@ -242,9 +367,17 @@ def metrics_site(factory: MLLPFactory) -> Site:
 
 
 def build_factory(options: Options) -> MLLPFactory:
-    """The factory for the receiver and settings given (after the reactor is installed:
-    receiver modules written for txHL7 often import ``twisted.internet.reactor``)."""
+    """The factory for the receiver and settings given, the receiver looked for in
+    ``--app-dir`` first (after the reactor is installed: receiver modules written for
+    txHL7 often import ``twisted.internet.reactor``)."""
+    use_app_dir(options["app-dir"])
     return MLLPFactory(load_receiver(options["receiver"]), **options.settings())
+
+
+def _refuse(text: str) -> NoReturn:
+    """End twistd with ``text`` on standard error and status 2, as a usage error, without a traceback."""
+    print(f"twistd hl7bridge: {text}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def makeService(options: Options) -> service.IService:  # noqa: N802
@@ -252,12 +385,15 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
     try:
         event_loop()
     except WrongReactor as exc:
-        raise usage.UsageError(
+        _refuse(
             "hl7bridge needs Twisted's asyncio reactor. Add --reactor asyncio: "
             f"twistd -n --reactor asyncio hl7bridge ... ({exc})"
-        ) from exc
+        )
     log_to_twisted()
-    factory = build_factory(options)
+    try:
+        factory = build_factory(options)
+    except LocalError as exc:
+        _refuse(f"cannot use receiver {options['receiver']}: {exc}")
     top = DrainingService(factory)
     for endpoint in options["endpoints"]:
         strports.service(endpoint, cast(IProtocolFactory, factory)).setServiceParent(top)

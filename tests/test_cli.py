@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -18,15 +19,24 @@ from tests.test_docs import Lines
 
 ROOT = Path(__file__).resolve().parents[1]
 MLLP_SEND = Path(sys.executable).with_name("mllp_send")
+HL7BRIDGE = (sys.executable, "-m", "hl7bridge")
+# The console script, run as a user runs it (tests/test_twistd.py runs it from a wheel too).
+SCRIPT = str(Path(sys.executable).with_name("hl7bridge"))
+
+
+def without_pythonpath() -> dict[str, str]:
+    """This process's environment without PYTHONPATH: commands find what their install gives them."""
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
 
 class Server:
     """``hl7bridge serve`` in a subprocess; its log is read in a thread, so every wait has a deadline."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, program: Sequence[str] = HL7BRIDGE, cwd: Path = ROOT) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hl7bridge", "serve", "--endpoint", "tcp:0:interface=127.0.0.1", *args],
-            cwd=ROOT,
+            [*program, "serve", "--endpoint", "tcp:0:interface=127.0.0.1", *args],
+            cwd=cwd,
+            env=without_pythonpath(),
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -96,10 +106,71 @@ def test_serve_runs_a_legacy_txhl7_receiver_module(tmp_path: Path) -> None:
         assert server.stop(signal.SIGTERM) == 0
 
 
-def _hl7bridge(*args: str, stdin: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+def _hl7bridge(
+    *args: str, stdin: bytes | None = None, timeout: float = 120, program: Sequence[str] = HL7BRIDGE, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "hl7bridge", *args], cwd=ROOT, input=stdin, capture_output=True, timeout=timeout
+        [*program, *args], cwd=cwd, env=without_pythonpath(), input=stdin, capture_output=True, timeout=timeout
     )
+
+
+def write_app_package(folder: Path) -> Path:
+    """``folder`` made a user's project: ``myinterface/`` with a receiver, and modules that cannot be imported."""
+    package = folder / "myinterface"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "receivers.py").write_text(
+        "from hl7bridge.receiver import LoggingReceiver\n\n\nclass AdmissionsReceiver(LoggingReceiver):\n    pass\n"
+    )
+    (package / "needs_a_driver.py").write_text(
+        '"""A module whose dependency is not installed."""\n\nimport no_such_driver\n'
+    )
+    (package / "typo.py").write_text("def handle(message:\n    return None\n")
+    return folder
+
+
+def test_serve_finds_receivers_in_its_folder_or_app_dir(tmp_path: Path) -> None:
+    project = write_app_package(tmp_path / "project")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    receiver = ["--receiver", "myinterface.receivers.AdmissionsReceiver"]
+    for cwd, app_dir in ((project, []), (elsewhere, ["--app-dir", str(project)])):
+        server = Server(*receiver, *app_dir, program=[SCRIPT], cwd=cwd)
+        try:
+            sent = hl7bridge_send("-p", str(server.port), "127.0.0.1", stdin=message("APPDIR1").encode())
+            assert sent.returncode == 0 and b"MSA|AA|APPDIR1" in sent.stdout, sent.stderr
+        finally:
+            assert server.stop(signal.SIGTERM) == 0
+    shown = _hl7bridge("serve", "--help", program=[SCRIPT]).stdout.decode()
+    assert "--app-dir=" in shown and "current folder" in shown
+
+
+@pytest.mark.parametrize(
+    ("receiver", "shown"),
+    [
+        ("nomodule.Receiver", r"No module named 'nomodule' \(the import path starts with {folder}\)"),
+        ("myinterface.receivers.Missing", r"module 'myinterface\.receivers' has no attribute 'Missing'"),
+        ("myinterface.nomodule.Receiver", r"No module named 'myinterface\.nomodule'"),
+        (
+            "myinterface.needs_a_driver.Receiver",
+            r"importing myinterface\.needs_a_driver failed: ModuleNotFoundError: No module named 'no_such_driver' "
+            r"\({folder}/myinterface/needs_a_driver\.py, line 3\)",
+        ),
+        (
+            "myinterface.typo.handle",
+            r"importing myinterface\.typo failed: SyntaxError: .+ \({folder}/myinterface/typo\.py, line 1\)",
+        ),
+    ],
+)
+def test_serve_shows_why_a_receiver_cannot_be_imported(tmp_path: Path, receiver: str, shown: str) -> None:
+    write_app_package(tmp_path)
+    result = _hl7bridge("serve", "-e", "tcp:0:interface=127.0.0.1", "-r", receiver, program=[SCRIPT], cwd=tmp_path)
+    assert result.returncode == 2
+    error = result.stderr.decode()
+    assert re.search(
+        f"cannot use receiver {re.escape(receiver)}: " + shown.format(folder=re.escape(str(tmp_path))), error
+    )
+    assert "Traceback" not in error
 
 
 def test_bad_receiver_is_reported_and_exits_non_zero() -> None:
@@ -114,6 +185,8 @@ def test_endpoint_in_use_is_reported_and_exits_non_zero(message_file: Path) -> N
         result = _hl7bridge("serve", "--endpoint", f"tcp:{server.port}:interface=127.0.0.1", timeout=30)
         assert result.returncode == 1
         assert "cannot listen on" in result.stderr.decode()
+        # It never served, so it has nothing in flight to answer.
+        assert "stopping" not in result.stderr.decode()
     finally:
         server.stop(signal.SIGTERM)
 
@@ -260,9 +333,22 @@ def test_send_shows_progress_on_a_terminal_or_when_asked(tmp_path: Path) -> None
 def test_version() -> None:
     from hl7bridge import __version__
 
-    for command in ([], ["send"]):
-        result = _hl7bridge(*command, "--version")
-        assert result.stdout.decode().strip() == f"hl7bridge {__version__}"
+    for command in ([], ["serve"], ["send"], ["shadow-report"]):
+        result = _hl7bridge(*command, "--version", program=[SCRIPT])
+        assert result.stdout.decode().strip() == f"hl7bridge {__version__}", command
+
+
+def test_send_reports_a_file_it_cannot_read_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.hl7"
+    result = _hl7bridge("send", "127.0.0.1", str(missing), program=[SCRIPT], cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.decode().splitlines()
+    assert line.endswith(f"cannot read {missing}: No such file or directory")
+
+
+def test_serve_help_says_the_receivers_timeout_wins() -> None:
+    shown = " ".join(_hl7bridge("serve", "--help", program=[SCRIPT]).stdout.decode().split())
+    assert "--idle-timeout= seconds without a byte before a connection is closed; the receiver's getTimeout()" in shown
 
 
 def test_serve_takes_limits_and_uvloop_from_its_options(tmp_path: Path) -> None:
@@ -282,13 +368,24 @@ def test_serve_takes_limits_and_uvloop_from_its_options(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("option", "value", "complaint"),
     [
-        ("--max-in-flight", "0", "max_in_flight must be at least 1"),
-        ("--frame-timeout", "-1", "frame_timeout must be more than 0"),
-        ("--framing", "sloppy", "framing must be one of"),
+        ("--max-in-flight", "0", "--max-in-flight must be at least 1"),
+        ("--max-connections", "0", "--max-connections must be at least 1"),
+        ("--frame-timeout", "-1", "--frame-timeout must be more than 0"),
+        ("--framing", "sloppy", "--framing must be one of"),
         ("--log-format", "xml", "--log-format must be one of"),
+        ("--idle-timeout", "abc", "--idle-timeout: 'abc' is not a number of seconds (or none)"),
+        ("--max-message-size", "1.5", "--max-message-size: '1.5' is not a number of bytes"),
+        ("--app-dir", "/no/such/folder", "--app-dir: no folder '/no/such/folder'"),
     ],
 )
 def test_serve_refuses_a_bad_option_value(option: str, value: str, complaint: str) -> None:
     result = _hl7bridge("serve", option, value)
     assert result.returncode == 2
-    assert complaint in result.stderr.decode()
+    # The last line names the option as typed, not the setting's Python name.
+    assert result.stderr.decode().splitlines()[-1].startswith(f"hl7bridge: {complaint}")
+
+
+def test_send_names_the_option_of_a_bad_number() -> None:
+    result = _hl7bridge("send", "--timeout", "soon", "127.0.0.1")
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == "hl7bridge: --timeout: 'soon' is not a number of seconds"

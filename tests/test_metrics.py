@@ -147,6 +147,9 @@ def test_serve_exposes_a_shadow_run_in_metrics_in_shadow_report_and_at_exit() ->
             time.sleep(0.1)
         assert header.split() == ["message", "type", "agreed", "differed", "failed"]
         assert [row.split() for row in rows] == expected
+        # HOST:PORT alone reads the same page.
+        bare = subprocess.run([*command[:-1], f"127.0.0.1:{metrics_port}"], capture_output=True, text=True, timeout=60)
+        assert bare.returncode == 0 and bare.stdout == report.stdout, bare.stderr
     finally:
         assert server.stop(signal.SIGTERM) == 0
     log = "".join(server.log)

@@ -49,15 +49,24 @@ def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
 # Connection limits
 
 
+def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "connection refused" in r.getMessage()]
+
+
 @pytest.mark.parametrize("face", FACES)
 @asyncio_test
-async def test_connections_past_the_limit_are_closed_and_others_served(face: str) -> None:
+async def test_connections_past_the_limit_are_closed_and_others_served(
+    face: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async with listening(face, Recording(), max_connections=2) as port:
         first, second = await Peer.connect(port), await Peer.connect(port)
         await first.send(frame(message("L1").encode()))
         assert ids([await first.reply()]) == ["L1"]
         third = await Peer.connect(port)
         assert await third.closed_by_peer()
+        # The log line names the setting and the option that refused the connection.
+        [refused] = refusals(caplog)
+        assert refused.endswith("2 connections open, the limit set by max_connections (--max-connections)")
         await second.send(frame(message("L2").encode()))
         assert ids([await second.reply()]) == ["L2"]
         await first.close()
@@ -71,11 +80,16 @@ async def test_connections_past_the_limit_are_closed_and_others_served(face: str
 
 @pytest.mark.parametrize("face", FACES)
 @asyncio_test
-async def test_connections_per_peer_address_are_limited(face: str) -> None:
+async def test_connections_per_peer_address_are_limited(face: str, caplog: pytest.LogCaptureFixture) -> None:
     async with listening(face, Recording(), max_connections_per_peer=1) as port:
         first = await Peer.connect(port)
         second = await Peer.connect(port)
         assert await second.closed_by_peer()
+        [refused] = refusals(caplog)
+        assert refused.endswith(
+            "1 connections open from this address, "
+            "the limit set by max_connections_per_peer (--max-connections-per-peer)"
+        )
         # Another address on the loopback network is another peer.
         reader, writer = await asyncio.open_connection(HOST, port, local_addr=("127.0.0.2", 0))
         other = Peer(reader, writer)
@@ -84,6 +98,25 @@ async def test_connections_per_peer_address_are_limited(face: str) -> None:
         await first.send(frame(message("P1").encode()))
         assert ids([await first.reply()]) == ["P1"]
         for peer in (first, second, other):
+            await peer.close()
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_default_settings_answer_many_connections_from_one_address(face: str) -> None:
+    """Senders behind one NAT or balancer share an address: by default only the total is limited."""
+    defaults = hl7bridge.Settings()
+    limits = {
+        "max_connections": defaults.max_connections,
+        "max_connections_per_peer": defaults.max_connections_per_peer,
+    }
+    async with listening(face, Recording(), **limits) as port:
+        peers = [await Peer.connect(port) for _ in range(160)]
+        for number, peer in enumerate(peers):
+            await peer.send(frame(message(f"NAT{number}").encode()))
+        replies = await asyncio.gather(*(peer.reply() for peer in peers))
+        assert ids(list(replies)) == [f"NAT{number}" for number in range(160)]
+        for peer in peers:
             await peer.close()
 
 

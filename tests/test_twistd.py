@@ -1,16 +1,19 @@
-"""``twistd hl7bridge`` from an installed wheel, as a deployment runs it.
+"""twistd and hl7bridge's commands, run as a deployment runs them.
 
-The wheel is built from a copy of the files that make the distribution (so no
-``build/`` folder left in the checkout can slip stale files into it), installed
-with pip into a folder of its own, and twistd runs with that folder first on
-its path. Every wait is bounded: a twistd that hangs fails the test, and is
-killed, instead of holding up the suite.
+Each runs as a console script of a virtualenv, from a folder outside the
+checkout, without PYTHONPATH, in two installs: the one this suite runs in
+(``make install``'s editable install) and a fresh virtualenv with hl7bridge
+installed from a wheel and its dependencies from the package index. The wheel
+is built from a copy of the files that make the distribution (so no
+``build/`` folder left in the checkout can slip stale files into it). Every wait
+is bounded: a twistd that hangs fails the test, and is killed, instead of
+holding up the suite.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,17 +24,17 @@ from pathlib import Path
 import pytest
 
 from tests.interop.test_endpoints import mtls_endpoint, mutual_tls_files
-from tests.test_cli import ROOT, mllp_send
+from tests.test_cli import ROOT, Server, mllp_send, without_pythonpath, write_app_package
 from tests.test_docs import Lines
 
-TWISTD = "from twisted.scripts.twistd import run; run()"
 # What setup.cfg packages: the sources of the wheel, and nothing else of the checkout.
 DISTRIBUTION = ("setup.cfg", "setup.py", "pyproject.toml", "README.md", "hl7bridge", "twisted")
+INSTALLS = ("this-venv", "wheel-venv")
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """hl7bridge built as a wheel and installed with pip into a folder of its own."""
+def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with hl7bridge installed from its wheel (and twisted[tls] for mtls:)."""
     folder = tmp_path_factory.mktemp("wheel")
     source = folder / "source"
     for name in DISTRIBUTION:
@@ -40,21 +43,28 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             source.mkdir(exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(folder), str(source)], check=True, timeout=300)
+    pip = ["-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [sys.executable, *pip, "wheel", "--no-deps", "-w", str(folder), str(source)], check=True, timeout=300
+    )
     [wheel] = folder.glob("hl7bridge-*.whl")
-    target = folder / "site"
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=300)
-    assert (target / "twisted" / "plugins" / "hl7bridge_plugin.py").is_file()
-    return target
+    venv = folder / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    install = [str(venv / "bin" / "python"), *pip, "install", str(wheel), "twisted[tls]"]
+    subprocess.run(install, check=True, timeout=600, env=without_pythonpath())
+    return venv
 
 
-def environment(site: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(site)}
+@pytest.fixture(params=INSTALLS)
+def scripts(request: pytest.FixtureRequest) -> Path:
+    """The bin folder of an install: this suite's own virtualenv, or the wheel's."""
+    if request.param == "this-venv":
+        return Path(sys.executable).parent
+    return Path(request.getfixturevalue("wheel_venv")) / "bin"
 
 
-def test_the_installed_copy_is_what_runs(installed: Path, tmp_path: Path) -> None:
-    """With the wheel's folder first on the path, neither the checkout nor the editable install is used."""
+def test_the_wheel_is_what_runs_in_its_venv(wheel_venv: Path, tmp_path: Path) -> None:
+    """In the wheel's virtualenv, neither the checkout nor the editable install is used."""
     code = (
         "import importlib, twisted.plugins\n"
         "from twisted.plugin import getPlugins\n"
@@ -65,31 +75,59 @@ def test_the_installed_copy_is_what_runs(installed: Path, tmp_path: Path) -> Non
         "print(*twisted.plugins.__path__, sep='\\n')\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code],
+        [str(wheel_venv / "bin" / "python"), "-c", code],
         cwd=tmp_path,
-        env=environment(installed),
+        env=without_pythonpath(),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert Path(lines[0]).is_relative_to(installed)
-    assert Path(lines[1]).is_relative_to(installed)
+    assert Path(lines[0]).is_relative_to(wheel_venv)
+    assert Path(lines[1]).is_relative_to(wheel_venv)
     # Plugins come from the wheel's twisted/plugins folder, not from the checkout's.
-    searched = [Path(path) for path in lines[2:]]
-    assert installed / "twisted" / "plugins" in searched
-    assert ROOT / "twisted" / "plugins" not in searched
+    assert ROOT / "twisted" / "plugins" not in [Path(path) for path in lines[2:]]
+
+
+def test_commands_find_hl7bridge_plugins_from_any_folder(scripts: Path, tmp_path: Path) -> None:
+    """twistd lists the hl7bridge plugin, and hl7bridge serve knows mtls:, outside the checkout."""
+    listed = subprocess.run(
+        [str(scripts / "twistd"), "--help"],
+        cwd=tmp_path,
+        env=without_pythonpath(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert re.search(r"^ +hl7bridge +MLLP listener", listed.stdout, re.MULTILINE), listed.stdout + listed.stderr
+    files = mutual_tls_files(tmp_path)
+    server = Server("-e", mtls_endpoint(files), program=[str(scripts / "hl7bridge")], cwd=tmp_path)
+    try:
+        tls_port = server.wait_for(r"serving \S+ on 127\.0\.0\.1:(\d+)").group(1)
+        tls = ["-p", tls_port, "--cafile", str(files["listener_cert"])]
+        client = ["--cert", str(files["sender_cert"]), "--key", str(files["sender_key"])]
+        sent = subprocess.run(
+            [str(scripts / "hl7bridge"), "send", *tls, *client, "127.0.0.1"],
+            input=b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|ANYDIR1|P|2.5\rPID|1||1||X^Y\r",
+            cwd=tmp_path,
+            env=without_pythonpath(),
+            capture_output=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0 and b"MSA|AA|ANYDIR1" in sent.stdout, sent.stderr
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
 
 
 class Twistd:
     """twistd in a subprocess, its output read in a thread so every wait has a deadline."""
 
-    def __init__(self, site: Path, cwd: Path, *args: str) -> None:
+    def __init__(self, scripts: Path, cwd: Path, *args: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", *args],
+            [str(scripts / "twistd"), "-n", "--pidfile=", "--logfile=-", *args],
             cwd=cwd,
-            env=environment(site),
+            env=without_pythonpath(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -118,12 +156,12 @@ class Twistd:
 
 
 @pytest.fixture
-def twistd(installed: Path, tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
+def twistd(scripts: Path, tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
     """Starts twistd with the arguments given; kills what is still running when the test ends."""
     started: list[Twistd] = []
 
     def start(*args: str) -> Twistd:
-        started.append(Twistd(installed, tmp_path, *args))
+        started.append(Twistd(scripts, tmp_path, *args))
         return started[-1]
 
     yield start
@@ -131,20 +169,16 @@ def twistd(installed: Path, tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
         process.close()
 
 
-def test_twistd_serves_from_the_wheel_and_drains_on_sigterm(
-    installed: Path, tmp_path: Path, twistd: Callable[..., Twistd]
-) -> None:
+def test_twistd_serves_and_drains_on_sigterm(scripts: Path, tmp_path: Path, twistd: Callable[..., Twistd]) -> None:
     files = mutual_tls_files(tmp_path)
     process = twistd(
         "--reactor", "asyncio", "hl7bridge", "--endpoint", "tcp:0:interface=127.0.0.1", "-e", mtls_endpoint(files)
     )
     ports = [int(process.output.wait_for(r"MLLPFactory (?:\(TLS\) )?starting on (\d+)").group(1)) for _ in range(2)]
-    # twistd found the plugin in the wheel's folder (and cached it there).
-    assert (installed / "twisted" / "plugins" / "dropin.cache").is_file()
     message_file = tmp_path / "m.hl7"
     message_file.write_bytes(b"\x0bMSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|TWISTD01|P|2.5\rPID|1||1||X^Y\r\x1c\r")
     assert "MSA|AA|TWISTD01" in mllp_send(ports[0], message_file).replace("\r", "\n")
-    # The second listener, mutual TLS through the wheel's mtls: endpoint, answered the installed sender.
+    # The second listener, mutual TLS through the install's mtls: endpoint, answered the installed sender.
     tls = [
         "--cafile",
         str(files["listener_cert"]),
@@ -154,9 +188,9 @@ def test_twistd_serves_from_the_wheel_and_drains_on_sigterm(
         str(files["sender_key"]),
     ]
     sent = subprocess.run(
-        [sys.executable, "-m", "hl7bridge", "send", "-p", str(ports[1]), *tls, "127.0.0.1", str(message_file)],
+        [str(scripts / "hl7bridge"), "send", "-p", str(ports[1]), *tls, "127.0.0.1", str(message_file)],
         cwd=tmp_path,
-        env=environment(installed),
+        env=without_pythonpath(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -199,3 +233,22 @@ def test_twistd_without_the_asyncio_reactor_says_what_to_add(twistd: Callable[..
     out = process.finish(timeout=60)
     assert process.process.returncode != 0
     assert "Add --reactor asyncio" in out
+
+
+def test_twistd_finds_receivers_in_its_folder_and_says_why_one_cannot_be_imported(
+    tmp_path: Path, twistd: Callable[..., Twistd]
+) -> None:
+    write_app_package(tmp_path)  # the folder twistd runs in
+    listen = ["--reactor", "asyncio", "hl7bridge", "-e", "tcp:0:interface=127.0.0.1"]
+    process = twistd(*listen, "--receiver", "myinterface.receivers.AdmissionsReceiver")
+    port = int(process.output.wait_for(r"MLLPFactory starting on (\d+)").group(1))
+    message_file = tmp_path / "m.hl7"
+    message_file.write_bytes(b"\x0bMSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|TWISTD03|P|2.5\rPID|1||1||X^Y\r\x1c\r")
+    assert "MSA|AA|TWISTD03" in mllp_send(port, message_file).replace("\r", "\n")
+    process.finish(signal.SIGTERM)
+    process = twistd(*listen, "--receiver", "myinterface.needs_a_driver.Receiver")
+    out = process.finish(timeout=60)
+    assert process.process.returncode == 2
+    where = f"({tmp_path}/myinterface/needs_a_driver.py, line 3)"
+    assert f"ModuleNotFoundError: No module named 'no_such_driver' {where}" in out
+    assert "Traceback" not in out

@@ -9,6 +9,7 @@ with the routing of stage5.py as a dict.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 
@@ -68,4 +69,5 @@ async def main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    asyncio.run(main())
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends serving; no traceback for it
+        asyncio.run(main())

@@ -20,27 +20,31 @@ MSH-2 or MSH-9, which txHL7 may have acknowledged; one without a control id
 
 from __future__ import annotations
 
-import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from tests.interop.test_side_by_side import acknowledgeable_by_python_hl7
 from tests.support import CORPUS, CR, FS, VT, control_id, corpus_messages, msa, msh_complete, without_time_and_id
+from tests.test_cli import SCRIPT
 from tests.test_docs import BLOCKED_BY_NO_TWISTED, ROOT, Lines, environment, python_without, stop
 from tests.test_handlers import imported_modules
-from tests.test_twistd import TWISTD
 
 EXAMPLES = ROOT / "examples" / "migration"
 ANY_PORT = "tcp:0:interface=127.0.0.1"
 RECEIVER = "myinterface.receivers.AdmissionsReceiver"
-TWISTD_ARGS = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", "--reactor", "asyncio"]
+TWISTD_ARGS = [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", "--logfile=-", "--reactor", "asyncio"]
+# PYTHONPATH=. where the README has it: twistd looks for neither a .tac file's imports
+# nor txHL7's plugin's receiver in its folder; hl7bridge serve and twistd hl7bridge do.
+IN_EXAMPLES = (("PYTHONPATH", str(EXAMPLES)),)
 
 NO_ACK = None
 ACK_TIMEOUT = 20.0
@@ -58,23 +62,32 @@ class Stage:
     corpus: bool = True  # False: the suite's own messages only (the corpus takes a second per listener)
 
 
-def twistd(*args: str) -> tuple[str, list[str]]:
+def twistd(*args: str, pythonpath: bool = True) -> tuple[str, list[str]]:
     documented = " ".join(["twistd -n --reactor asyncio", *args]).replace(ANY_PORT, "tcp:2575:interface=127.0.0.1")
-    return documented, [*TWISTD_ARGS, *args]
+    return ("PYTHONPATH=. " if pythonpath else "") + documented, [*TWISTD_ARGS, *args]
 
 
 def serve(receiver: str) -> tuple[str, list[str]]:
-    argv = ["hl7bridge", "serve", "--endpoint", ANY_PORT, "--receiver", receiver]
-    return " ".join(argv).replace(ANY_PORT, "tcp:2575:interface=127.0.0.1"), [sys.executable, "-m", *argv]
+    argv = ["serve", "--endpoint", ANY_PORT, "--receiver", receiver]
+    return " ".join(["hl7bridge", *argv]).replace(ANY_PORT, "tcp:2575:interface=127.0.0.1"), [SCRIPT, *argv]
 
 
-ON_ANY_PORT = (("MLLP_ENDPOINT", ANY_PORT),)
+ON_ANY_PORT = (("MLLP_ENDPOINT", ANY_PORT), *IN_EXAMPLES)
 STAGES = [
     Stage("0", *twistd("-y", "stage0.tac"), ("txHL7",), ON_ANY_PORT),
-    Stage("0-plugin", *twistd("mllp", "--endpoint", ANY_PORT, "--receiver", RECEIVER), ("txHL7",), corpus=False),
+    Stage(
+        "0-plugin",
+        *twistd("mllp", "--endpoint", ANY_PORT, "--receiver", RECEIVER),
+        ("txHL7",),
+        IN_EXAMPLES,
+        corpus=False,
+    ),
     Stage("1", *twistd("-y", "stage1.tac"), ("hl7bridge",), ON_ANY_PORT),
     Stage(
-        "1-plugin", *twistd("hl7bridge", "--endpoint", ANY_PORT, "--receiver", RECEIVER), ("hl7bridge",), corpus=False
+        "1-plugin",
+        *twistd("hl7bridge", "--endpoint", ANY_PORT, "--receiver", RECEIVER, pythonpath=False),
+        ("hl7bridge",),
+        corpus=False,
     ),
     Stage("2", *twistd("-y", "stage2.tac"), ("txHL7", "hl7bridge"), (*ON_ANY_PORT, ("MLLP_NEW_ENDPOINT", ANY_PORT))),
     Stage("3", *serve("stage3.router"), ("hl7bridge",)),
@@ -197,13 +210,11 @@ def listeners(stage: Stage, output: Lines) -> list[Listener]:
 
 
 def start(stage: Stage) -> subprocess.Popen[str]:
-    # The examples' package from the working directory; the checkout for twistd's
-    # hl7bridge plugin (an editable install does not put it where twistd looks).
-    path = [str(EXAMPLES)] if stage.name == "6" else [str(EXAMPLES), str(ROOT)]
+    env = {key: value for key, value in environment().items() if key != "PYTHONPATH"}
     return subprocess.Popen(
         stage.argv,
         cwd=EXAMPLES,
-        env=environment(PYTHONPATH=os.pathsep.join(path), **dict(stage.env)),
+        env={**env, **dict(stage.env)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -313,3 +324,17 @@ def test_the_examples_readme_gives_the_commands_run_here() -> None:
     text = (EXAMPLES / "README.md").read_text(encoding="utf-8")
     missing = [stage.documented for stage in STAGES if stage.documented not in text]
     assert missing == []
+
+
+def test_stage_6_stops_quietly_on_ctrl_c() -> None:
+    [stage] = [stage for stage in STAGES if stage.name == "6"]
+    process = start(stage)
+    output = Lines(process.stdout)
+    try:
+        output.wait_for(LISTENING.pattern)
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        process.wait(timeout=20)
+    finally:
+        stop(process)
+    printed = output.rest()
+    assert "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed
