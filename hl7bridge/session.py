@@ -565,8 +565,11 @@ class Session:
         kind, control_id = (header.message_type, header.control_id) if header is not None else ("?", "?")
         reply = answer.value if answer.done else None
         code = (ack.read_ack(reply.decode("latin-1"))[0] or "?") if reply is not None else "none"
+        # An answer was due but never left: the connection went first (or the
+        # handler was still running when it did).
+        lost = not sent and (reply is not None or not answer.done)
         if self.engine.metrics is not None:
-            self.engine.metrics.record(kind, code if sent or reply is None else "not sent", seconds)
+            self.engine.metrics.record(kind, "not sent" if lost else code, seconds)
         logged = message_log.isEnabledFor(logging.INFO)
         if not (logged or self.settings.log_content):
             return  # metrics only: no log record to carry the fields
@@ -576,11 +579,11 @@ class Session:
             "control_id": control_id,
             "ack_code": code,
         }
-        if reply is not None and not sent:
+        if lost:
             fields["sent"] = False
         if logged:
             ms = round(seconds * 1000, 1)
-            outcome = code if sent or reply is None else f"{code} not sent"
+            outcome = f"{code} not sent" if lost else code
             message_log.info("%s %s %s %s %.1fms", self.peer, kind, control_id, outcome, ms, extra={**fields, "ms": ms})
         if self.settings.log_content:
             message = block.decode("utf-8", "backslashreplace")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from pathlib import Path
@@ -560,3 +561,156 @@ def test_reliability_table_names_only_tests_that_exist() -> None:
     defined = set(re.findall(r"def (test_\w+)", sources))
     assert named, "docs/reliability.md names no tests"
     assert named <= defined, sorted(named - defined)
+
+
+# Hostile and broken input
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_random_bytes_give_a_bounded_number_of_log_lines(face: str, caplog: pytest.LogCaptureFixture) -> None:
+    noise = random.Random(1234).randbytes(1 << 20)
+    async with listening(face, Recording(), metrics=True) as port:
+        peer = await Peer.connect(port)
+        await peer.send(noise)
+        peer.writer.write_eof()
+        await peer.closed_by_peer(timeout=30)
+        await peer.close()
+        engine = ENGINES[port]
+        for _ in range(100):
+            if not engine.connections:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.metrics is not None
+        problems = dict(engine.metrics.problems)
+    name = peer.writer.get_extra_info("sockname")
+    lines = [r.getMessage() for r in caplog.records if f"{name[0]}:{name[1]}:" in r.getMessage()]
+    warnings = [line for line in lines if "problems on this connection" not in line]
+    # One line per kind of problem (a dozen kinds at most), and one summary at close.
+    assert sum(problems.values()) > 100, problems
+    assert len(warnings) <= 12 + 4, warnings
+    [summary] = [line for line in lines if "problems on this connection" in line]
+    assert all(f"{kind} x{count}" in summary for kind, count in problems.items() if count > 1)
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_a_peer_sending_only_whitespace_is_closed_by_the_frame_timeout(face: str) -> None:
+    async with listening(face, Recording(), frame_timeout=0.5) as port:
+        peer, other = await Peer.connect(port), await Peer.connect(port)
+        started = time.monotonic()
+
+        async def trickle() -> None:
+            while not peer.writer.is_closing() and time.monotonic() - started < 10:
+                peer.writer.write(b" ")
+                await asyncio.sleep(0.05)
+
+        sending = asyncio.ensure_future(trickle())
+        await other.send(frame(message("CALM1").encode()))
+        assert ids([await other.reply()]) == ["CALM1"]
+        assert await peer.closed_by_peer()
+        assert time.monotonic() - started < 5
+        sending.cancel()
+        await peer.close()
+        await other.close()
+
+
+# (what the peer sends, the MSA the listener answers with, or None for no answer)
+BROKEN_HEADERS = [
+    ("MSH", None),
+    ("MSH|", None),
+    ("MSH|\rPID|1||1\r", None),
+    ("MSH|^~\\&|SND|SFAC|RCV|RFAC|20240101||ADT^A01||P|2.5\r", None),  # MSH-10 empty
+    ("MSH|^~\\&|SND|SFAC|RCV|RFAC|20240101||ADT^A01|   |P|2.5\r", None),  # MSH-10 blank
+    ("MSH^~\\&|SND|SFAC|RCV|RFAC|20240101||ADT^A01|CTRL9|P|2.5\r", None),  # MSH-1 ^: fields unreadable
+    ("MSHA^~\\&ASNDASFAC\r", None),  # a letter as the field separator
+    ("MSH|^~\\&|SND|SFAC|RCV|RFAC|20240101|||NOTYPE|P|2.5\r", ["AR", "NOTYPE", "required field missing (MSH-9)"]),
+    ("MSH||SND|SFAC|RCV|RFAC|20240101||ADT^A01|NOENC|P|2.5\r", ["AR", "NOENC", "required field missing (MSH-2)"]),
+]
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_an_msh_that_cannot_identify_its_message_is_never_acked(
+    face: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No ACK with an empty or wrong MSA-2, no traceback: an AR 101 where MSH-10 can be read, else one line."""
+    receiver = Recording()
+    async with listening(face, receiver) as port:
+        peer = await Peer.connect(port)
+        for text, expected in BROKEN_HEADERS:
+            await peer.send(frame(text.encode()) + frame(message("NEXT1").encode()))
+            replies = [await peer.reply()]
+            if expected is not None:
+                replies.append(await peer.reply())
+                assert msa(replies[0].decode())[1:4] == expected, text
+                assert "|101^Required field missing^HL70357|" in replies[0].decode()
+            assert ids(replies[-1:]) == ["NEXT1"], text
+        await peer.close()
+    assert receiver.received == [message("NEXT1")] * len(BROKEN_HEADERS)
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_a_handler_failure_is_logged_without_the_patient_data_it_quotes(
+    face: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.handlers.leaky import LeakyReceiver
+
+    text = message("LEAK1", body="PID|1||4711||SECRETNAME^ANNA\r")
+    async with listening(face, LeakyReceiver()) as port:
+        peer = await Peer.connect(port)
+        await peer.send(frame(text.encode()))
+        assert msa((await peer.reply()).decode())[1:3] == ["AR", "LEAK1"]
+        await peer.close()
+    [line] = [r.getMessage() for r in caplog.records if "handleMessage failed" in r.getMessage()]
+    assert "tests.handlers.leaky.BedNotFound in handleMessage (" in line
+    assert 'leaky.py", line ' in line  # each frame: file, line, function
+    assert "SECRETNAME" not in caplog.text and "bed not found" not in caplog.text
+
+
+@asyncio_test
+async def test_with_log_content_the_failure_text_goes_to_the_content_logger(caplog: pytest.LogCaptureFixture) -> None:
+    from tests.handlers.leaky import LeakyReceiver
+
+    text = message("LEAK2", body="PID|1||4711||SECRETNAME^ANNA\r")
+    async with listening("asyncio", LeakyReceiver(), log_content=True) as port:
+        peer = await Peer.connect(port)
+        await peer.send(frame(text.encode()))
+        await peer.reply()
+        await peer.close()
+    quoting = [
+        r
+        for r in caplog.records
+        if "SECRETNAME" in r.getMessage() or (r.exc_info and "SECRETNAME" in str(r.exc_info[1]))
+    ]
+    assert quoting and {r.name for r in quoting} == {"hl7bridge.content"}
+
+
+class ClosesFirst(AbstractHL7Receiver):
+    """Answers a moment later, by when the sender has gone."""
+
+    def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        d: defer.Deferred[str] = defer.Deferred()
+        reactor.callLater(0.2, d.callback, container.ack())
+        return d
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_the_message_log_says_not_sent_when_the_sender_left_first(
+    face: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with listening(face, ClosesFirst()) as port:
+        peer = await Peer.connect(port)
+        await peer.send(frame(message("GONE1").encode()))
+        peer.reset()
+        for _ in range(100):
+            lines = [r.getMessage() for r in caplog.records if r.name == "hl7bridge.messages"]
+            if lines:
+                break
+            await asyncio.sleep(0.05)
+    [line] = lines
+    # The handler was still running, or its AA was ready, when the connection went: never sent.
+    assert re.search(r" ADT\^A01 GONE1 (AA|none) not sent \d+\.\dms$", line), line
