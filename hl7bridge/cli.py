@@ -158,7 +158,7 @@ def serve(options: ServeOptions) -> int:
             log.info("stopping: no new connections, answering what is in flight")
         for port in ports:
             port.stopListening()
-        return tap.drain_and_report(factory)
+        return tap.drain_and_report(factory, tap.EXIT_GRACE)
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
 

@@ -261,15 +261,18 @@ class Engine:
         if timeout is None:
             timeout = self.settings.drain_timeout
         for session in list(self._sessions):
-            session.stop("shutting down")
+            session._stop("shutting down")
         if not self._sessions:
             return
         self._all_closed = asyncio.get_running_loop().create_future()
         try:
             await asyncio.wait_for(asyncio.shield(self._all_closed), timeout)
         except asyncio.TimeoutError:
-            for session in list(self._sessions):
-                session.close()
+            late = list(self._sessions)
+            unsent = sum(session.close() for session in late)
+            log.warning(
+                "shutdown: %d connections still busy after %ss closed; %d ACKs never sent", len(late), timeout, unsent
+            )
 
 
 class Session:
@@ -389,35 +392,41 @@ class Session:
     def stop(self, reason: str) -> None:
         """Take no more messages; answer those in flight, then close.
 
-        The answers get ``drain_timeout`` seconds (the engine's shutdown sets
-        its own bound); the connection is closed then, whatever is left.
+        The answers get ``drain_timeout`` seconds; the connection is closed
+        then, whatever is left. (The engine's shutdown sets its own bound.)
         """
+        if self._stop(reason) and not self._closed:
+            self._timer = self.loop.call_later(self.settings.drain_timeout, self.close)
+
+    def _stop(self, reason: str) -> bool:
+        """Take no more messages; answer those in flight, then close. False if already stopping."""
         if self._closed or self._paused & _STOPPING:
-            return
+            return False
         log.info("%s: %s; answering %d messages in flight", self.peer, reason, len(self._pending))
+        if self._timer is not None:
+            self._timer.cancel()  # no idle or frame timeout while stopping
+            self._timer = None
         self._held = self._unread = None
         self._pause(_STOPPING)
-        if self._close_if_answered():
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(self.settings.drain_timeout, self.close)
+        self._close_if_answered()
+        return True
 
-    def close(self) -> None:
-        """Close the connection now; answers not yet written are logged and dropped."""
+    def close(self) -> int:
+        """Close the connection now; answers not yet written are logged and dropped, and counted."""
         if self._closed:
-            return
+            return 0
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._drain_task is not None:
             self._drain_task.cancel()
-        self._abandon_pending()
+        unsent = self._abandon_pending()
         self._summarise()
         self.writer.close()
         self.engine._ended(self)
         log.debug("%s: closed", self.peer)
+        return unsent
 
     # Frames in
 
@@ -749,7 +758,7 @@ class Session:
         if answer.observed is not None:
             self._record(answer, sent)
 
-    def _abandon_pending(self) -> None:
+    def _abandon_pending(self) -> int:
         """The connection is closing: replies still to come can no longer be sent."""
         unsent = 0
         for reply in self._pending:
@@ -766,6 +775,7 @@ class Session:
             log.warning("%s: connection closed with %d ACKs unsent", self.peer, unsent)
         self._pending.clear()
         self._held = self._unread = None
+        return unsent
 
     def _send(self, data: bytes | None) -> bool:
         """Write one answer (None: nothing to write); False if the connection was gone."""

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import fields
@@ -39,6 +40,7 @@ from hl7bridge.session import Settings
 DEFAULT_RECEIVER = "hl7bridge.receiver.LoggingReceiver"
 DEFAULT_ENDPOINT = "tcp:2575"
 
+log = logging.getLogger("hl7bridge.tap")
 migration_log = logging.getLogger("hl7bridge.migration")
 
 
@@ -307,26 +309,43 @@ def log_to_twisted(level: int = logging.INFO) -> None:
         logger.propagate = False
 
 
-class DrainingService(service.MultiService):
-    """Stops listening first, then drains the connections of its factory and logs its shadow report."""
+#: Seconds ``hl7bridge serve`` and ``twistd hl7bridge`` give handler jobs still
+#: in Twisted's thread pool after the drain, before the process exits regardless.
+EXIT_GRACE = 1.0
 
-    def __init__(self, factory: MLLPFactory) -> None:
+
+class DrainingService(service.MultiService):
+    """Stops listening first, then drains the connections of its factory and logs its shadow report.
+
+    Args:
+        factory: the listener's factory.
+        exit_grace: if set, handler jobs still running in Twisted's thread pool
+            after the drain are abandoned: they are logged, and the process
+            exits this many seconds later whatever they do (Python cannot stop
+            a thread, and the reactor would wait for them). None: wait for them.
+    """
+
+    def __init__(self, factory: MLLPFactory, exit_grace: float | None = None) -> None:
         super().__init__()
         self.factory = factory
+        self.exit_grace = exit_grace
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         stopped: Deferred[Any] = super().stopService()
-        return stopped.addCallback(lambda _: drain_and_report(self.factory))
+        return stopped.addCallback(lambda _: drain_and_report(self.factory, self.exit_grace))
 
 
-def drain_and_report(factory: MLLPFactory) -> Deferred[None]:
+def drain_and_report(factory: MLLPFactory, exit_grace: float | None = None) -> Deferred[None]:
     """Drain ``factory``'s connections, then log its shadow report if it serves a Router.
 
     The report (of a :class:`~hl7bridge.migration.Router` only) waits for the
     comparisons still running (each is bounded by the router's ``shadow_timeout``),
-    then logs one line per message type, with counts only.
+    then logs one line per message type, with counts only. With ``exit_grace``,
+    see :class:`DrainingService`.
     """
     drained: Deferred[Any] = factory.drain()
+    if exit_grace is not None:
+        drained.addCallback(lambda _: abandon_thread_work(exit_grace))
     router = factory.engine.receiver
     if not isinstance(router, Router):
         return drained
@@ -338,6 +357,39 @@ def drain_and_report(factory: MLLPFactory) -> Deferred[None]:
 
     drained.addCallback(lambda _: to_deferred(router.wait_for_shadows(), event_loop()))
     return drained.addCallback(report)
+
+
+def abandon_thread_work(grace: float) -> None:
+    """Let no handler job left in Twisted's thread pool hold up the exit for more than ``grace`` seconds.
+
+    The reactor joins its pool's threads when it stops, so a handler blocked in
+    a thread (a slow query, ``time.sleep``) would keep the process alive, and
+    queued jobs would still start. The jobs are counted in a log line, and the
+    process ends ``grace`` seconds later if it has not ended by then.
+    """
+    from twisted.internet import reactor
+
+    pool = getattr(reactor, "threadpool", None)
+    running, queued = (len(pool.working), pool.q.qsize()) if pool is not None else (0, 0)
+    if not (running or queued):
+        return
+    log.warning(
+        "stopping: %d handler jobs still running in Twisted's thread pool and %d not started are abandoned; "
+        "exiting in %ss whatever they do",
+        running,
+        queued,
+        grace,
+    )
+    timer = threading.Timer(grace, _exit_now)
+    timer.daemon = True
+    timer.start()
+
+
+def _exit_now() -> None:
+    # The main thread is waiting for the pool's threads, which may never end.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class MetricsResource(Resource):
@@ -394,7 +446,7 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
         factory = build_factory(options)
     except LocalError as exc:
         _refuse(f"cannot use receiver {options['receiver']}: {exc}")
-    top = DrainingService(factory)
+    top = DrainingService(factory, EXIT_GRACE)
     for endpoint in options["endpoints"]:
         strports.service(endpoint, cast(IProtocolFactory, factory)).setServiceParent(top)
     if options["metrics-endpoint"]:

@@ -6,8 +6,10 @@ import os
 import pty
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -389,3 +391,25 @@ def test_send_names_the_option_of_a_bad_number() -> None:
     result = _hl7bridge("send", "--timeout", "soon", "127.0.0.1")
     assert result.returncode == 2
     assert result.stderr.decode().splitlines()[-1] == "hl7bridge: --timeout: 'soon' is not a number of seconds"
+
+
+def test_serve_exits_within_the_drain_timeout_whatever_thread_handlers_do() -> None:
+    """Handlers blocked in Twisted's thread pool (10 threads) for 30 s, 14 messages: SIGTERM ends it in about 1.5 s."""
+    server = Server("--receiver", "tests.handlers.sleepy.SleepyReceiver", "--drain-timeout", "0.5")
+    peers = []
+    try:
+        for number in range(14):
+            peer = socket.create_connection(("127.0.0.1", server.port))
+            peer.sendall(VT + message(f"SLEEPY{number}").encode() + FS + CR)
+            peers.append(peer)
+        time.sleep(1)  # every message reached its handler, or the pool's queue
+        started = time.monotonic()
+        assert server.stop(signal.SIGTERM) == 0
+        took = time.monotonic() - started
+    finally:
+        for peer in peers:
+            peer.close()
+    log = "".join(server.log)
+    assert took < 6, log  # the handlers would hold it for 30 s
+    assert "shutdown: 14 connections still busy after 0.5s closed; 14 ACKs never sent" in log
+    assert re.search(r"stopping: 10 handler jobs still running in Twisted's thread pool and 4 not started", log), log

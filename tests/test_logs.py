@@ -109,3 +109,20 @@ def test_twistd_json_observer_writes_hl7bridge_records_with_their_fields(capsys:
     assert entry["logger"] == "hl7bridge.messages" and entry["level"] == "WARNING"
     assert entry["message"] == "peer ADT^A01 TW1 AA 0.4ms"
     assert entry["control_id"] == "TW1" and entry["ack_code"] == "AA"
+
+
+def test_a_failure_quoting_patient_data_stays_out_of_json_logs() -> None:
+    server = Server("--log-format", "json", "--receiver", "tests.handlers.leaky.LeakyReceiver")
+    try:
+        result = hl7bridge_send(
+            "-p", str(server.port), "-q", "127.0.0.1", stdin=message("LEAKJ", body=SECRET_BODY).encode()
+        )
+        assert result.returncode == 1, result.stderr  # an AR
+        server.wait_for("handleMessage failed")
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    entries = [json.loads(line) for line in server.log if line.strip()]
+    [failure] = [e for e in entries if "handleMessage failed" in e["message"]]
+    assert failure["level"] == "ERROR" and "tests.handlers.leaky.BedNotFound" in failure["message"]
+    assert 'leaky.py", line ' in failure["message"]
+    assert not [line for line in server.log if "TESTPERSON" in line or "SECRET" in line]
