@@ -19,7 +19,6 @@ from typing import Any
 from unittest import mock
 
 import pytest
-import txHL7.receiver
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -30,6 +29,7 @@ install()  # as a test module of a txHL7 shop would, before Twisted's reactor is
 from hl7bridge.mllp import MinimalLowerLayerProtocol, MLLPFactory  # noqa: E402
 from hl7bridge.receiver import AbstractHL7Receiver, AbstractReceiver, MessageContainer  # noqa: E402
 from tests.legacy.cp1252_receiver import EXPECTED_SURNAME, Cp1252Receiver  # noqa: E402
+from tests.legacy.ping_receiver import PingReceiver  # noqa: E402
 from tests.support import frame, message  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,22 +187,8 @@ def test_the_base_message_container_writes_nothing() -> None:
     assert written(proto) == []
 
 
-class Echo(txHL7.receiver.MessageContainer):
-    """A container for a payload that is no HL7: it answers ``GOT:<payload>``."""
-
-    def ack(self, ack_code: str = "AA") -> str:
-        return f"GOT:{self.raw_message}"
-
-
-class EchoReceiver(txHL7.receiver.AbstractReceiver):
-    message_cls = Echo
-
-    def handleMessage(self, container: Echo) -> Any:  # noqa: N802
-        return defer.succeed(container.ack())
-
-
 def test_a_custom_container_gets_a_block_that_is_no_hl7() -> None:
-    proto = by_hand(EchoReceiver())
+    proto = by_hand(PingReceiver())
     proto.dataReceived(frame(b"PING") + frame(b'  {"kind": "ping"}'))
     assert written(proto) == [frame(b"GOT:PING"), frame(b'GOT:  {"kind": "ping"}')]
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import hl7
 import pytest
-import txHL7.receiver
 from twisted.internet import defer, reactor, threads
 
 import hl7bridge
@@ -21,6 +20,7 @@ from hl7bridge.framing import FRAMING_MODES, LENIENT
 from hl7bridge.receiver import AbstractHL7Receiver, AbstractReceiver, HL7MessageContainer, MessageContainer
 from hl7bridge.testing import asyncio_test
 from tests.cases import CASES, Case
+from tests.legacy.ping_receiver import PingReceiver
 from tests.support import FACES, FS, VT, Peer, control_id, frame, listening, message, msa
 
 
@@ -441,20 +441,6 @@ async def test_an_idle_connection_keeps_little_memory_in_hl7bridge(face: str, ca
         for peer in peers:
             await peer.close()
     assert 0 < held <= IDLE_CONNECTION_BUDGET
-
-
-class PingContainer(txHL7.receiver.MessageContainer):
-    """A payload that is no HL7 at all, answered in kind (txHL7's custom containers allow it)."""
-
-    def ack(self, ack_code: str = "AA") -> str:
-        return f"GOT:{self.raw_message}"
-
-
-class PingReceiver(txHL7.receiver.AbstractReceiver):
-    message_cls = PingContainer
-
-    def handleMessage(self, container: PingContainer) -> Any:  # noqa: N802
-        return defer.succeed(container.ack())
 
 
 @pytest.mark.parametrize("face", FACES)
