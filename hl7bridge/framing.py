@@ -179,11 +179,6 @@ class Deframer:
         )
 
     @property
-    def incomplete(self) -> bool:
-        """Whether bytes of a block not yet ended are held (or being dropped)."""
-        return self._in_block or bool(self._buffer)
-
-    @property
     def waiting(self) -> bool:
         """Whether bytes have come since the last block ended that no block has ended yet.
 
