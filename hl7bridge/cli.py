@@ -193,9 +193,9 @@ def serve(options: ServeOptions) -> int:
         except (OSError, ValueError) as exc:  # the port is in use, a TLS file is missing or wrong
             return fail(exc)
         stoppers.append(listener.close)
-        return to_deferred(listener.start(), factory.loop).addCallback(
-            lambda _: log.info("serving %s on %s", options["receiver"], listener.where)
-        )
+        # Bound and listening: connections wait in the backlog until the loop runs.
+        log.info("serving %s on %s", options["receiver"], listener.where)
+        return to_deferred(listener.start(), factory.loop)
 
     for endpoint in options["endpoints"]:
         try:
