@@ -27,9 +27,10 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from hl7bridge import listeners
 from hl7bridge.defer import to_deferred
 from hl7bridge.errors import LocalError, ReceiverNotLoaded, WrongReactor
-from hl7bridge.listeners import DEFAULT_TLS_HANDSHAKE_TIMEOUT, Listener, listener_for
+from hl7bridge.listeners import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from hl7bridge.metrics import Metrics, prometheus_text
 from hl7bridge.migration.router import Router
 from hl7bridge.migration.shadow import ShadowReport
@@ -387,7 +388,7 @@ def build_factory(options: Options) -> MLLPFactory:
     return MLLPFactory(load_receiver(options["receiver"]), **options.settings())
 
 
-def listener(endpoint: str, factory: MLLPFactory, options: Options) -> Listener | None:
+def listener(endpoint: str, factory: MLLPFactory, options: Options) -> listeners.Listener | None:
     """The asyncio listener of ``endpoint`` for ``factory``'s engine; None if Twisted's endpoints serve it.
 
     ``tcp:``, ``unix:``, ``ssl:`` and ``mtls:`` strings are served by asyncio's
@@ -397,7 +398,7 @@ def listener(endpoint: str, factory: MLLPFactory, options: Options) -> Listener 
     Raises:
         ValueError: a malformed ``tcp:``, ``unix:``, ``ssl:`` or ``mtls:`` string.
     """
-    return listener_for(endpoint, factory.engine, factory.loop, options["tls-handshake-timeout"])
+    return listeners.listener_for(endpoint, factory.engine, factory.loop, options["tls-handshake-timeout"])
 
 
 class ListeningService(service.Service):
@@ -408,7 +409,7 @@ class ListeningService(service.Service):
     accepting in ``stopService``; draining is :class:`DrainingService`'s.
     """
 
-    def __init__(self, endpoint: str, listener: Listener, receiver: str) -> None:
+    def __init__(self, endpoint: str, listener: listeners.Listener, receiver: str) -> None:
         self.endpoint = endpoint
         self.listener = listener
         self.receiver = receiver
