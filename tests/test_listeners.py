@@ -300,7 +300,15 @@ def test_twistd_service_listens_through_asyncio_where_it_can() -> None:
 
     options = tap.Options()
     options.parseOptions(["-e", "tcp:0:interface=127.0.0.1", "-e", "tcp6:0:interface=\\:\\:1"])
-    top = tap.makeService(options)
+    logger = logging.getLogger("hl7bridge")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    try:
+        top = tap.makeService(options)
+    finally:
+        # makeService sends hl7bridge's records to Twisted's log, as twistd needs; not the rest of the suite's.
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
     asyncio_service, twisted_service = list(top)  # type: ignore[call-overload]
     assert isinstance(asyncio_service, tap.ListeningService)
     assert asyncio_service.listener.engine is twisted_service.factory.engine  # one engine behind both
