@@ -256,3 +256,17 @@ def test_twistd_finds_receivers_in_its_folder_and_says_why_one_cannot_be_importe
     where = f"({tmp_path}/myinterface/needs_a_driver.py, line 3)"
     assert f"ModuleNotFoundError: No module named 'no_such_driver' {where}" in out
     assert "Traceback" not in out
+
+
+def test_twistd_that_cannot_listen_says_why_and_exits_1(twistd: Callable[..., Twistd]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = twistd("--reactor", "asyncio", "hl7bridge", "-e", f"tcp:{port}:interface=127.0.0.1")
+        out = process.finish(timeout=60)
+    assert process.process.returncode == 1
+    assert f"cannot listen on tcp:{port}:interface=127.0.0.1: [Errno 98] Address already in use" in out
+    assert "Traceback" not in out
