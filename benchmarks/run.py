@@ -764,8 +764,9 @@ LISTENER_NOTES = [
     ),
     (
         "hl7bridge-serve-legacy",
-        "`hl7bridge serve` itself (`cli.main`) serving the same txHL7 receiver, as a user runs it: Twisted's"
-        " `tcp:` endpoint and one INFO line per message (`hl7bridge.messages`) on standard error, here a file",
+        "`hl7bridge serve` itself (`cli.main`) serving the same txHL7 receiver, as a user runs it: its `tcp:`"
+        " endpoint on asyncio's own server and one INFO line per message (`hl7bridge.messages`) on standard"
+        " error, here a file",
     ),
     (
         "hl7bridge-legacy-asyncio",

@@ -29,7 +29,8 @@ hl7bridge-legacy           hl7bridge's ``MLLPFactory`` (asyncio reactor) serving
                            an unchanged txHL7 ``AbstractHL7Receiver`` subclass
                            (full parse in parseMessage, ``create_ack``)
 hl7bridge-serve-legacy     ``hl7bridge serve`` itself (``cli.main``), serving the
-                           same txHL7 receiver: Twisted's tcp endpoint, and one
+                           same txHL7 receiver: its tcp: endpoint on asyncio's
+                           own server (hl7bridge.listeners), and one
                            INFO line per message (``hl7bridge.messages``) to
                            standard error, which run.py sends to a file
 hl7bridge-legacy-asyncio   the same txHL7 receiver through ``hl7bridge.serve()``
