@@ -28,6 +28,14 @@ hl7bridge-twisted-uvloop   the same, ``install(uvloop=True)``
 hl7bridge-legacy           hl7bridge's ``MLLPFactory`` (asyncio reactor) serving
                            an unchanged txHL7 ``AbstractHL7Receiver`` subclass
                            (full parse in parseMessage, ``create_ack``)
+hl7bridge-serve-legacy     ``hl7bridge serve`` itself (``cli.main``), serving the
+                           same txHL7 receiver: its tcp: endpoint on asyncio's
+                           own server (hl7bridge.listeners), and one
+                           INFO line per message (``hl7bridge.messages``) to
+                           standard error, which run.py sends to a file
+hl7bridge-legacy-asyncio   the same txHL7 receiver through ``hl7bridge.serve()``
+                           (asyncio's own server and transport) under Twisted's
+                           asyncio reactor, installed as for the Twisted face
 hl7bridge-pid              hl7bridge's ``MLLPFactory`` (asyncio reactor), an
                            hl7bridge receiver that reads PID-3 through
                            ``container.message`` (so it parses) and ACKs
@@ -119,6 +127,13 @@ def txhl7_receiver() -> Any:
     return TxAckReceiver()
 
 
+def __getattr__(name: str) -> Any:
+    # hl7bridge-serve-legacy names its receiver by dotted path: servers.TxAckReceiver.
+    if name == "TxAckReceiver":
+        return type(txhl7_receiver())
+    raise AttributeError(name)
+
+
 # Loops -------------------------------------------------------------------
 
 
@@ -159,6 +174,29 @@ def hl7bridge_twisted(port: int, receiver_factory: Callable[[], Any], uvloop: bo
 
     reactor.listenTCP(port, MLLPFactory(receiver_factory(), **NO_CONNECTION_LIMITS), interface=HOST)
     reactor.run()
+
+
+def hl7bridge_serve_legacy(port: int) -> None:
+    """``hl7bridge serve`` as a user runs it, with the txHL7 receiver: INFO logs and all."""
+    from hl7bridge import cli
+
+    sys.modules.setdefault("servers", sys.modules[__name__])  # run as __main__: importable as "servers" too
+    endpoint = f"tcp:{port}:interface={HOST}"
+    limits = ["--max-connections", "none", "--max-connections-per-peer", "none"]
+    sys.exit(cli.main(["serve", "--endpoint", endpoint, "--receiver", "servers.TxAckReceiver", *limits]))
+
+
+def hl7bridge_legacy_asyncio(port: int) -> None:
+    """The txHL7 receiver on asyncio's own server and transport, the asyncio reactor installed on that loop."""
+    import hl7bridge
+    from hl7bridge.reactor import event_loop, install
+
+    reactor = install()
+    server = event_loop().run_until_complete(hl7bridge.serve(txhl7_receiver(), HOST, port, **NO_CONNECTION_LIMITS))
+    try:
+        reactor.run()
+    finally:
+        server.close()
 
 
 def txhl7(port: int, asyncio_reactor: bool) -> None:
@@ -260,6 +298,8 @@ LISTENERS: dict[str, Callable[[int], None]] = {
     "hl7bridge-twisted": lambda port: hl7bridge_twisted(port, hl7bridge_ack_receiver),
     "hl7bridge-twisted-uvloop": lambda port: hl7bridge_twisted(port, hl7bridge_ack_receiver, uvloop=True),
     "hl7bridge-legacy": lambda port: hl7bridge_twisted(port, txhl7_receiver),
+    "hl7bridge-serve-legacy": hl7bridge_serve_legacy,
+    "hl7bridge-legacy-asyncio": hl7bridge_legacy_asyncio,
     "hl7bridge-pid": lambda port: hl7bridge_twisted(port, hl7bridge_pid_receiver),
     "txhl7-epoll": lambda port: txhl7(port, asyncio_reactor=False),
     "txhl7-asyncio": lambda port: txhl7(port, asyncio_reactor=True),

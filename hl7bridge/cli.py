@@ -22,10 +22,11 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from hl7bridge import framing, tap
 from hl7bridge.errors import LocalError
@@ -134,7 +135,12 @@ def _where(port: Any) -> str:
 
 
 def serve(options: ServeOptions) -> int:
-    """Listen on each ``--endpoint`` until SIGINT or SIGTERM; return the exit status."""
+    """Listen on each ``--endpoint`` until SIGINT or SIGTERM; return the exit status.
+
+    ``tcp:``, ``unix:``, ``ssl:`` and ``mtls:`` endpoints are served by asyncio's
+    own servers (:mod:`hl7bridge.listeners`), any other by Twisted's endpoints;
+    one engine serves them all.
+    """
     from hl7bridge.reactor import install
 
     reactor = install(uvloop=options["uvloop"])
@@ -142,6 +148,8 @@ def serve(options: ServeOptions) -> int:
     from twisted.internet import endpoints
     from twisted.internet.defer import fail
     from twisted.logger import ILogObserver, STDLibLogObserver, globalLogBeginner
+
+    from hl7bridge.defer import to_deferred
 
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, STDLibLogObserver())], redirectStandardIO=False)
     try:
@@ -151,26 +159,27 @@ def serve(options: ServeOptions) -> int:
         log.error("cannot use receiver %s: %s", options["receiver"], problem)
         return 2
     status = 0
-    ports: list[Any] = []
+    stoppers: list[Callable[[], object]] = []
 
     def stop() -> Any:
         if status == 0:  # else it stops because an endpoint could not listen, as logged
             log.info("stopping: no new connections, answering what is in flight")
-        for port in ports:
-            port.stopListening()
+        for stop_listening in stoppers:
+            stop_listening()
         return tap.drain_and_report(factory, tap.EXIT_GRACE)
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
 
     def listening(port: Any) -> None:
-        ports.append(port)
+        stoppers.append(port.stopListening)
         log.info("serving %s on %s", options["receiver"], _where(port))
 
     def failed(failure: Any, endpoint: str) -> None:
         nonlocal status
+        if status == 0:
+            reactor.callWhenRunning(reactor.stop)
         status = 1
         log.error("cannot listen on %s: %s", endpoint, failure.getErrorMessage())
-        reactor.callWhenRunning(reactor.stop)
 
     def listen(endpoint: str, site: Any) -> Any:
         try:
@@ -178,8 +187,26 @@ def serve(options: ServeOptions) -> int:
         except Exception as exc:  # a malformed endpoint string, or a file it names that cannot be read
             return fail(exc)
 
+    def listen_asyncio(endpoint: str, listener: Any) -> Any:
+        try:
+            listener.bind()
+        except (OSError, ValueError) as exc:  # the port is in use, a TLS file is missing or wrong
+            return fail(exc)
+        stoppers.append(listener.close)
+        # Bound and listening: connections wait in the backlog until the loop runs.
+        log.info("serving %s on %s", options["receiver"], listener.where)
+        return to_deferred(listener.start(), factory.loop)
+
     for endpoint in options["endpoints"]:
-        listen(endpoint, factory).addCallbacks(listening, failed, errbackArgs=(endpoint,))
+        try:
+            listener = tap.listener(endpoint, factory, options)
+        except ValueError as exc:
+            failed(Failure(exc), endpoint)
+            continue
+        if listener is None:
+            listen(endpoint, factory).addCallbacks(listening, failed, errbackArgs=(endpoint,))
+        else:
+            listen_asyncio(endpoint, listener).addErrback(failed, endpoint)
     if options["metrics-endpoint"]:
         listen(options["metrics-endpoint"], tap.metrics_site(factory)).addCallbacks(
             lambda port: log.info("metrics on %s", _where(port)), failed, errbackArgs=(options["metrics-endpoint"],)

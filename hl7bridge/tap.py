@@ -28,8 +28,10 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from hl7bridge import listeners
 from hl7bridge.defer import to_deferred
 from hl7bridge.errors import LocalError, ReceiverNotLoaded, WrongReactor
+from hl7bridge.listeners import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from hl7bridge.metrics import Metrics, prometheus_text
 from hl7bridge.migration.router import Router
 from hl7bridge.migration.shadow import ShadowReport
@@ -42,6 +44,7 @@ DEFAULT_ENDPOINT = "tcp:2575"
 
 log = logging.getLogger("hl7bridge.tap")
 migration_log = logging.getLogger("hl7bridge.migration")
+log = logging.getLogger("hl7bridge.tap")
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -187,7 +190,16 @@ class Options(usage.Options):
         _setting("handler-timeout", "seconds a handler may take before AE", float, "a number of seconds", none=True),
         _setting("drain-timeout", "seconds to answer what is in flight on stop", float, "a number of seconds"),
     ]
-    optParameters += [["metrics-endpoint", None, None, "serve Prometheus metrics at /metrics on this endpoint"]]
+    optParameters += [
+        [
+            "tls-handshake-timeout",
+            None,
+            DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            "seconds a client of an ssl: or mtls: endpoint has to finish its TLS handshake",
+            number("tls-handshake-timeout", float, "a number of seconds"),
+        ],
+        ["metrics-endpoint", None, None, "serve Prometheus metrics at /metrics on this endpoint"],
+    ]
     optFlags = [
         ["follow-msh18", None, "decode in the charset MSH-18 declares when the receiver names none"],
         ["metrics", None, "count and time messages per type and ACK code"],
@@ -217,6 +229,8 @@ class Options(usage.Options):
         self["follow-msh18"] = bool(self["follow-msh18"])
         self["log-content"] = bool(self["log-content"])
         self["metrics"] = bool(self["metrics"] or self["metrics-endpoint"])
+        if self["tls-handshake-timeout"] <= 0:
+            raise usage.UsageError("--tls-handshake-timeout must be more than 0 seconds")
         try:
             Settings(**self.settings())
         except ValueError as exc:
@@ -426,10 +440,63 @@ def build_factory(options: Options) -> MLLPFactory:
     return MLLPFactory(load_receiver(options["receiver"]), **options.settings())
 
 
-def _refuse(text: str) -> NoReturn:
-    """End twistd with ``text`` on standard error and status 2, as a usage error, without a traceback."""
+def listener(endpoint: str, factory: MLLPFactory, options: Options) -> listeners.Listener | None:
+    """The asyncio listener of ``endpoint`` for ``factory``'s engine; None if Twisted's endpoints serve it.
+
+    ``tcp:``, ``unix:``, ``ssl:`` and ``mtls:`` strings are served by asyncio's
+    own servers (:mod:`hl7bridge.listeners`), any other by Twisted's endpoints
+    with ``factory``. Both end in the same engine.
+
+    Raises:
+        ValueError: a malformed ``tcp:``, ``unix:``, ``ssl:`` or ``mtls:`` string.
+    """
+    return listeners.listener_for(endpoint, factory.engine, factory.loop, options["tls-handshake-timeout"])
+
+
+class ListeningService(service.Service):
+    """One ``--endpoint`` of ``twistd hl7bridge``, served by a :class:`~hl7bridge.listeners.Listener`.
+
+    It binds in ``privilegedStartService`` (before twistd gives up root, for
+    a port below 1024) and starts accepting in ``startService``. It stops
+    accepting in ``stopService``; draining is :class:`DrainingService`'s.
+    """
+
+    def __init__(self, endpoint: str, listener: listeners.Listener, receiver: str) -> None:
+        self.endpoint = endpoint
+        self.listener = listener
+        self.receiver = receiver
+        self._bound = False
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        super().privilegedStartService()
+        self._bind()
+
+    def _bind(self) -> None:
+        if self._bound:
+            return
+        try:
+            self.listener.bind()
+        except (OSError, ValueError) as exc:
+            _refuse(f"cannot listen on {self.endpoint}: {exc}", status=1)
+        self._bound = True
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self._bind()
+        to_deferred(self.listener.start(), self.listener.loop).addErrback(
+            lambda failure: log.error("cannot listen on %s: %s", self.endpoint, failure.getErrorMessage())
+        )
+        log.info("serving %s on %s", self.receiver, self.listener.where)
+
+    def stopService(self) -> None:  # noqa: N802
+        super().stopService()
+        self.listener.close()
+
+
+def _refuse(text: str, status: int = 2) -> NoReturn:
+    """End twistd with ``text`` on standard error and ``status`` (2: a usage error), without a traceback."""
     print(f"twistd hl7bridge: {text}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 def makeService(options: Options) -> service.IService:  # noqa: N802
@@ -448,7 +515,14 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
         _refuse(f"cannot use receiver {options['receiver']}: {exc}")
     top = DrainingService(factory, EXIT_GRACE)
     for endpoint in options["endpoints"]:
-        strports.service(endpoint, cast(IProtocolFactory, factory)).setServiceParent(top)
+        try:
+            found = listener(endpoint, factory, options)
+        except ValueError as exc:
+            _refuse(f"cannot listen on {endpoint}: {exc}", status=1)
+        if found is None:
+            strports.service(endpoint, cast(IProtocolFactory, factory)).setServiceParent(top)
+        else:
+            ListeningService(endpoint, found, options["receiver"]).setServiceParent(top)
     if options["metrics-endpoint"]:
         site = cast(IProtocolFactory, metrics_site(factory))
         strports.service(options["metrics-endpoint"], site).setServiceParent(top)

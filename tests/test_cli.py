@@ -288,6 +288,55 @@ def test_serve_listens_on_several_endpoints_with_mutual_tls(tmp_path: Path) -> N
     assert "MULTI1 AA" in log and "MTLS1 AA" in log and "MTLS2" not in log and "MTLS3" not in log
 
 
+def test_serve_listens_through_asyncio_and_leaves_other_endpoint_types_to_twisted() -> None:
+    # tcp6: is not one hl7bridge listens on itself: Twisted's endpoint serves it, into the same engine.
+    server = Server("-e", "tcp6:0:interface=\\:\\:1")
+    try:
+        twisted_port = server.wait_for(r"MLLPFactory starting on (\d+)").group(1)
+        server.wait_for(rf"serving \S+ on ::1:{twisted_port}")
+        result = hl7bridge_send("-p", twisted_port, "::1", stdin=message("TCP6").encode())
+        assert result.returncode == 0 and b"MSA|AA|TCP6" in result.stdout, result.stderr
+        result = hl7bridge_send("-p", str(server.port), "127.0.0.1", stdin=message("TCP4").encode())
+        assert result.returncode == 0 and b"MSA|AA|TCP4" in result.stdout, result.stderr
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    log = "".join(server.log)
+    # One Twisted port (tcp6:); the tcp: endpoint had none: asyncio's own server took it.
+    assert log.count("starting on") == 1
+    assert "TCP6 AA" in log and "TCP4 AA" in log
+
+
+def test_serve_closes_tls_clients_that_never_shake_hands_and_counts_them(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    from tests.support import self_signed
+
+    cert, key = self_signed(tmp_path)
+    endpoint = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    metrics = ["--metrics-endpoint", "tcp:0:interface=127.0.0.1"]
+    # --endpoint tcp:0 comes first (Server adds it), then the TLS one.
+    server = Server("-e", endpoint, "--tls-handshake-timeout", "0.5", "--max-connections", "3", *metrics)
+    try:
+        tls_port = int(server.wait_for(r"serving \S+ on 127\.0\.0\.1:(\d+)").group(1))
+        metrics_port = int(server.wait_for(r"metrics on 127\.0\.0\.1:(\d+)").group(1))
+        silent = [socket.create_connection(("127.0.0.1", tls_port), timeout=10) for _ in range(5)]
+        tls = ["-p", str(tls_port), "--cafile", str(cert)]
+        result = hl7bridge_send(*tls, "127.0.0.1", stdin=message("TLSOK").encode())
+        assert result.returncode == 0 and b"MSA|AA|TLSOK" in result.stdout, result.stderr
+        for connection in silent:
+            assert connection.recv(1) == b""  # closed by the listener, after half a second
+            connection.close()
+        server.wait_for(r"TLS handshake refused: no TLS handshake within 0\.5s")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            body = response.read().decode()
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    assert 'hl7bridge_problems_total{kind="TLS handshake refused"} 5' in body
+    refusals = [line for line in server.log if "TLS handshake refused" in line]
+    assert len(refusals) == 5 and all(" INFO hl7bridge.listeners: 127.0.0.1:" in line for line in refusals)
+
+
 def test_serve_reports_an_endpoint_it_cannot_parse() -> None:
     result = _hl7bridge("serve", "-e", "tcp:0", "-e", "mtls:0:privateKey=/no/such/key.pem", timeout=30)
     assert result.returncode == 1
@@ -378,6 +427,7 @@ def test_serve_takes_limits_and_uvloop_from_its_options(tmp_path: Path) -> None:
         ("--idle-timeout", "abc", "--idle-timeout: 'abc' is not a number of seconds (or none)"),
         ("--max-message-size", "1.5", "--max-message-size: '1.5' is not a number of bytes"),
         ("--app-dir", "/no/such/folder", "--app-dir: no folder '/no/such/folder'"),
+        ("--tls-handshake-timeout", "0", "--tls-handshake-timeout must be more than 0 seconds"),
     ],
 )
 def test_serve_refuses_a_bad_option_value(option: str, value: str, complaint: str) -> None:

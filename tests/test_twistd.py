@@ -30,6 +30,8 @@ from tests.test_docs import Lines
 # What setup.cfg packages: the sources of the wheel, and nothing else of the checkout.
 DISTRIBUTION = ("setup.cfg", "setup.py", "pyproject.toml", "README.md", "hl7bridge", "twisted")
 INSTALLS = ("this-venv", "wheel-venv")
+# What twistd hl7bridge logs for each endpoint it serves, as hl7bridge serve does.
+SERVING = r"serving \S+ on 127\.0\.0\.1:(\d+)"
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,7 @@ def test_twistd_serves_and_drains_on_sigterm(scripts: Path, tmp_path: Path, twis
     process = twistd(
         "--reactor", "asyncio", "hl7bridge", "--endpoint", "tcp:0:interface=127.0.0.1", "-e", mtls_endpoint(files)
     )
-    ports = [int(process.output.wait_for(r"MLLPFactory (?:\(TLS\) )?starting on (\d+)").group(1)) for _ in range(2)]
+    ports = [int(process.output.wait_for(SERVING).group(1)) for _ in range(2)]
     message_file = tmp_path / "m.hl7"
     message_file.write_bytes(b"\x0bMSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|TWISTD01|P|2.5\rPID|1||1||X^Y\r\x1c\r")
     assert "MSA|AA|TWISTD01" in mllp_send(ports[0], message_file).replace("\r", "\n")
@@ -204,6 +206,8 @@ def test_twistd_serves_and_drains_on_sigterm(scripts: Path, tmp_path: Path, twis
     assert process.process.returncode in (0, -signal.SIGTERM), log
     assert "Server Shut Down." in log
     assert "Traceback" not in log
+    # Both endpoints were served by asyncio's own servers, not by Twisted's ports.
+    assert "MLLPFactory" not in log
 
 
 def test_twistd_logs_json_lines_with_the_json_observer(tmp_path: Path, twistd: Callable[..., Twistd]) -> None:
@@ -216,7 +220,7 @@ def test_twistd_logs_json_lines_with_the_json_observer(tmp_path: Path, twistd: C
         "-e",
         "tcp:0:interface=127.0.0.1",
     )
-    port = int(process.output.wait_for(r"MLLPFactory starting on (\d+)").group(1))
+    port = int(process.output.wait_for(SERVING).group(1))
     message_file = tmp_path / "m.hl7"
     message_file.write_bytes(b"\x0bMSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|TWISTD02|P|2.5\rPID|1||1||X^Y\r\x1c\r")
     assert "MSA|AA|TWISTD02" in mllp_send(port, message_file).replace("\r", "\n")
@@ -241,7 +245,7 @@ def test_twistd_finds_receivers_in_its_folder_and_says_why_one_cannot_be_importe
     write_app_package(tmp_path)  # the folder twistd runs in
     listen = ["--reactor", "asyncio", "hl7bridge", "-e", "tcp:0:interface=127.0.0.1"]
     process = twistd(*listen, "--receiver", "myinterface.receivers.AdmissionsReceiver")
-    port = int(process.output.wait_for(r"MLLPFactory starting on (\d+)").group(1))
+    port = int(process.output.wait_for(SERVING).group(1))
     message_file = tmp_path / "m.hl7"
     message_file.write_bytes(b"\x0bMSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|TWISTD03|P|2.5\rPID|1||1||X^Y\r\x1c\r")
     assert "MSA|AA|TWISTD03" in mllp_send(port, message_file).replace("\r", "\n")
@@ -251,4 +255,18 @@ def test_twistd_finds_receivers_in_its_folder_and_says_why_one_cannot_be_importe
     assert process.process.returncode == 2
     where = f"({tmp_path}/myinterface/needs_a_driver.py, line 3)"
     assert f"ModuleNotFoundError: No module named 'no_such_driver' {where}" in out
+    assert "Traceback" not in out
+
+
+def test_twistd_that_cannot_listen_says_why_and_exits_1(twistd: Callable[..., Twistd]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = twistd("--reactor", "asyncio", "hl7bridge", "-e", f"tcp:{port}:interface=127.0.0.1")
+        out = process.finish(timeout=60)
+    assert process.process.returncode == 1
+    assert f"cannot listen on tcp:{port}:interface=127.0.0.1: [Errno 98] Address already in use" in out
     assert "Traceback" not in out

@@ -189,6 +189,8 @@ LISTENING = re.compile(
     r"MLLPFactory starting on (?P<port>\d+)"
     r"|Starting factory <(?P<module>\w+)\.mllp\.MLLPFactory"
     r"|listening on \S+:(?P<plain>\d+)"
+    # hl7bridge serve and twistd hl7bridge, which listen through asyncio's own servers.
+    r"|serving \S+ on \S+:(?P<served>\d+)"
 )
 
 
@@ -205,6 +207,8 @@ def listeners(stage: Stage, output: Lines) -> list[Listener]:
             port = None
         elif match.group("plain"):
             found.append(Listener(stage.name, "hl7.mllp", int(match.group("plain"))))
+        elif match.group("served"):
+            found.append(Listener(stage.name, "hl7bridge", int(match.group("served"))))
     assert tuple(listener.kind for listener in found) == stage.kinds, found
     return found
 
