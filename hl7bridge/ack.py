@@ -281,6 +281,18 @@ def read_ack(text: str) -> tuple[str, str]:
     return (fields[1] if len(fields) > 1 else ""), (fields[2] if len(fields) > 2 else "")
 
 
+def read_ack_code(data: bytes) -> str:
+    """MSA-1 of an encoded ACK, "?" if it has none; without decoding it, for a log line per message."""
+    start = data.find(b"\rMSA")
+    if start < 0 or len(data) < start + 6:
+        return read_ack(data.decode("latin-1"))[0] or "?"
+    separator = data[start + 4 : start + 5]
+    end = start + 5
+    while end < len(data) and data[end : end + 1] not in (separator, b"\r", b"\n"):
+        end += 1
+    return data[start + 5 : end].decode("latin-1") or "?"
+
+
 def build_nak(header: Header, rejection: Rejection) -> str:
     """A negative ACK: MSA-1 and MSA-3 from ``rejection``, and an ERR segment.
 

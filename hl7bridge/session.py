@@ -64,6 +64,9 @@ PROBLEM_SUMMARY_INTERVAL = 60.0
 
 Codec = tuple[str, str]
 
+#: A message being timed for metrics and the message log: its block, its MSH, when it arrived.
+Observed = tuple[bytes, "ack.Header | None", float]
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -144,7 +147,7 @@ class Answer:
         self.session: Session | None = None
         self.task: asyncio.Task[None] | None = None  # a coroutine's task, held until it ends
         self.timer: asyncio.TimerHandle | None = None  # the handler timeout
-        self.observed: tuple[bytes, ack.Header | None, float] | None = None  # for metrics and the message log
+        self.observed: Observed | None = None  # for metrics and the message log
 
     def settle(self, value: bytes | None) -> None:
         """The answer is known; the session writes it when those before it are written."""
@@ -296,6 +299,7 @@ class Session:
         "_header",
         "_held",
         "_last_activity",
+        "_logged",
         "_observing",
         "_paused",
         "_pending",
@@ -348,9 +352,8 @@ class Session:
         self._last_activity = loop.time()
         self._frame_started: float | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._observing = (
-            engine.metrics is not None or self.settings.log_content or message_log.isEnabledFor(logging.INFO)
-        )
+        self._logged = message_log.isEnabledFor(logging.INFO)
+        self._observing = engine.metrics is not None or self.settings.log_content or self._logged
         reader.feed_data = self.data_received
         reader.feed_eof = self.eof_received
         reader.set_exception = self.connection_lost
@@ -440,7 +443,10 @@ class Session:
                     self._hold(events[index:])
                     break
                 finished = True
-                self._submit(self._observed(event.data) if self._observing else self.dispatch(event.data))
+                if self._observing:
+                    self._submit_observed(event.data)
+                else:
+                    self._submit(self.dispatch(event.data))
             elif isinstance(event, framing.Deviation):
                 self._problem(
                     f"framing: {event.kind}", "framing deviation tolerated: %s at byte %d", event.kind, event.offset
@@ -554,46 +560,40 @@ class Session:
             answer.timer = self.loop.call_later(self.settings.handler_timeout, self._expired, answer, block, codec)
         return answer
 
-    def _observed(self, block: bytes) -> Answer:
-        """:meth:`dispatch`, timed, counted and logged in one line when its answer is written or dropped."""
+    def _submit_observed(self, block: bytes) -> None:
+        """:meth:`dispatch` and :meth:`_submit`, timed, counted and logged in one line once the answer leaves."""
         started = self.loop.time()
         reply = self.dispatch(block)
-        if not isinstance(reply, Answer):
-            answer, reply = reply, Answer()
-            reply.done = True
-            reply.value = answer
-        reply.observed = (block, self._header, started)
-        return reply
+        observed = (block, self._header, started)
+        if isinstance(reply, Answer):
+            reply.observed = observed
+            self._submit(reply)
+        elif not self._pending:
+            self._record(observed, reply, True, self._send(reply))
+        else:
+            # Ready, but behind answers still to come: it waits with them.
+            answer = Answer()
+            answer.done, answer.value, answer.observed, answer.session = True, reply, observed, self
+            self._pending.append(answer)
 
-    def _record(self, answer: Answer, sent: bool) -> None:
-        """Count and log one message (:meth:`_observed`) now that its answer was written, or not."""
-        assert answer.observed is not None
-        block, header, started = answer.observed
-        answer.observed = None
+    def _record(self, observed: Observed, reply: bytes | None, settled: bool, sent: bool) -> None:
+        """Count and log one message now that its answer was written, or could not be."""
+        block, header, started = observed
         seconds = self.loop.time() - started
         kind, control_id = (header.message_type, header.control_id) if header is not None else ("?", "?")
-        reply = answer.value if answer.done else None
-        code = (ack.read_ack(reply.decode("latin-1"))[0] or "?") if reply is not None else "none"
+        code = ack.read_ack_code(reply) if reply is not None else "none"
         # An answer was due but never left: the connection went first (or the
         # handler was still running when it did).
-        lost = not sent and (reply is not None or not answer.done)
+        lost = not sent and (reply is not None or not settled)
         if self.engine.metrics is not None:
             self.engine.metrics.record(kind, "not sent" if lost else code, seconds)
-        logged = message_log.isEnabledFor(logging.INFO)
-        if not (logged or self.settings.log_content):
-            return  # metrics only: no log record to carry the fields
-        fields: dict[str, object] = {
-            "peer": self.peer,
-            "message_type": kind,
-            "control_id": control_id,
-            "ack_code": code,
-        }
-        if lost:
-            fields["sent"] = False
-        if logged:
+        if self._logged:
             ms = round(seconds * 1000, 1)
+            fields = {"peer": self.peer, "message_type": kind, "control_id": control_id, "ack_code": code, "ms": ms}
+            if lost:
+                fields["sent"] = False
             outcome = f"{code} not sent" if lost else code
-            message_log.info("%s %s %s %s %.1fms", self.peer, kind, control_id, outcome, ms, extra={**fields, "ms": ms})
+            message_log.info("%s %s %s %s %.1fms", self.peer, kind, control_id, outcome, ms, extra=fields)
         if self.settings.log_content:
             message = block.decode("utf-8", "backslashreplace")
             text = None if reply is None else reply.decode("utf-8", "backslashreplace")
@@ -603,7 +603,14 @@ class Session:
                 control_id,
                 message,
                 text,
-                extra={**fields, "hl7_message": message, "hl7_ack": text},
+                extra={
+                    "peer": self.peer,
+                    "message_type": kind,
+                    "control_id": control_id,
+                    "ack_code": code,
+                    "hl7_message": message,
+                    "hl7_ack": text,
+                },
             )
 
     async def _settle(self, awaitable: Any, container: Any, codec: Codec, answer: Answer) -> None:
@@ -756,7 +763,7 @@ class Session:
     def _deliver(self, answer: Answer) -> None:
         sent = self._send(answer.value)
         if answer.observed is not None:
-            self._record(answer, sent)
+            self._record(answer.observed, answer.value, True, sent)
 
     def _abandon_pending(self) -> int:
         """The connection is closing: replies still to come can no longer be sent."""
@@ -769,7 +776,7 @@ class Session:
                 if reply.task is not None:
                     self.engine._adopt(reply.task)
                 if reply.observed is not None:
-                    self._record(reply, sent=False)
+                    self._record(reply.observed, reply.value if reply.done else None, reply.done, False)
             unsent += 1
         if unsent:
             log.warning("%s: connection closed with %d ACKs unsent", self.peer, unsent)

@@ -7,6 +7,7 @@ import re
 import hl7
 import pytest
 
+from hl7bridge import ack
 from hl7bridge.ack import build_ack, hl7_timestamp, new_control_id, read_header
 from hl7bridge.receiver import HL7MessageContainer
 from tests.support import corpus_messages, message, without_time_and_id
@@ -102,3 +103,19 @@ def test_message_type_and_lf_ended_msh() -> None:
     assert header.message_type == "ADT^A01"
     assert header.control_id == "X9"
     assert header.field(12) == "2.5"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "MSH|^~\\&|A|B|C|D|20240101||ACK^A01^ACK|1|P|2.5\rMSA|AA|X1\r",
+        "MSH|^~\\&|A|B|C|D|20240101||ACK^A01^ACK|1|P|2.5\rMSA|AR|X1|handler failed\rERR|||207^x^HL70357|E\r",
+        "MSH#^~\\&#A#B\rMSA#CE#X2\r",
+        "MSH|^~\\&|A\nMSA|AE\n",
+        "MSH|^~\\&|A\rMSA|\r",
+        "MSA|CA|X3",
+        "no ACK at all",
+    ],
+)
+def test_the_ack_code_read_from_bytes_is_msa_1(answer: str) -> None:
+    assert ack.read_ack_code(answer.encode()) == (ack.read_ack(answer)[0] or "?")
