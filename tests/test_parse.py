@@ -38,6 +38,8 @@ OWN = [
     message("CRLF1").replace("\r", "\r\n"),
     # A second header segment, one without a second separator, a header alone.
     message("TWO") + "MSH|^~\\&|X|Y\rBHS|a\rFHS^x\rMSH|\rMSH\r",
+    # A batch: BHS first, so hl7.parse builds it.
+    "BHS|^~\\&|A\r" + message("B1") + "BTS|1\r",
     # Trailing separators everywhere.
     "MSH|^~\\&|||||||ADT^A01^|ID2||2.5|\rPID|||^^~^&&^||\r",
     # MSH-1 and MSH-2 only; an MSH-2 that never ends (python-hl7 gives a
