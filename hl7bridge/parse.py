@@ -113,6 +113,9 @@ def _build(text: str, separators: str, escape: str) -> hl7.Message:
     component_attrs_copy = component_attrs.copy
     segment_cls, field_cls, repetition_cls, component_cls = hl7.Segment, hl7.Field, hl7.Repetition, hl7.Component
 
+    # The five levels are written out one inside the other, alike in shape, rather
+    # than as one function called for each element: a Python call per element is
+    # most of what makes hl7.parse slow.
     segments = []
     for segment_text in text.split("\r"):
         segment = _new(segment_cls)
