@@ -22,6 +22,7 @@ from hl7bridge.receiver import (
     codec_of,
 )
 from tests.support import message, msa
+from tests.test_parse import OWN, assert_same_tree
 
 
 class Codec(AbstractReceiver):
@@ -89,6 +90,17 @@ def test_container_parses_once_and_only_when_asked() -> None:
     parsed = container.message
     assert isinstance(parsed, hl7.Message) and container.message is parsed
     assert str(parsed.segment("MSH")(10)) == "L1"
+
+
+@pytest.mark.parametrize("text", [*OWN, "PID|1\r"])
+def test_container_message_is_the_tree_hl7_parse_gives(text: str) -> None:
+    try:
+        expected = hl7.parse(text)
+    except hl7.ParseException:
+        with pytest.raises(hl7.ParseException):
+            _ = HL7MessageContainer(text).message
+        return
+    assert_same_tree(HL7MessageContainer(text).message, expected)
 
 
 def test_container_without_msh_cannot_ack() -> None:

@@ -16,6 +16,7 @@ import pytest
 from twisted.internet import defer, reactor, threads
 
 import hl7bridge
+import hl7bridge.receiver
 from hl7bridge.framing import FRAMING_MODES, LENIENT
 from hl7bridge.receiver import AbstractHL7Receiver, AbstractReceiver, HL7MessageContainer, MessageContainer
 from hl7bridge.testing import asyncio_test
@@ -274,12 +275,15 @@ class Counting(AbstractReceiver):
 @pytest.mark.parametrize("face", FACES)
 @asyncio_test
 async def test_parse_message_is_called_once_per_message(face: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """parseMessage once per message, and python-hl7's parser at most once, with metrics and logs on."""
+    """parseMessage once per message, and the HL7 parser at most once, with metrics and logs on."""
     parses: list[str] = []
-    real_parse = hl7.parse
+    real_parse = hl7bridge.receiver.parse
     monkeypatch.setattr(
-        hl7, "parse", lambda text, *args, **kwargs: parses.append(text) or real_parse(text, *args, **kwargs)
+        hl7bridge.receiver,
+        "parse",
+        lambda text, *args, **kwargs: parses.append(text) or real_parse(text, *args, **kwargs),
     )
+    monkeypatch.setattr(hl7, "parse", lambda *args, **kwargs: pytest.fail("hl7.parse used: no fast path"))
     receiver = Counting()
     texts = [message(f"P{i}") for i in range(5)]
     await exchange(face, receiver, b"".join(frame(text.encode()) for text in texts), 5, metrics=True)
