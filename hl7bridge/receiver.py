@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import codecs
 import logging
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import hl7
@@ -210,3 +212,36 @@ def codec_of(receiver: Any) -> tuple[str | None, str]:
         codecs.lookup(codec)
     codecs.lookup_error(errors)
     return codec or None, errors
+
+
+def message_parser(receiver: Any) -> Callable[[str], Any]:
+    """What turns a message's text into the container ``receiver.handleMessage`` takes.
+
+    That is ``receiver.parseMessage``, except for a receiver that keeps txHL7's
+    own ``AbstractReceiver.parseMessage`` with txHL7's ``HL7MessageContainer``
+    (or a subclass that leaves its ``__init__`` alone): txHL7 builds that
+    container with ``hl7.parse``, and hl7bridge builds the same container, with
+    the same attributes and the same tree, with :func:`hl7bridge.parse.parse`,
+    several times faster. A receiver that overrides either gets its own.
+    """
+    txhl7 = sys.modules.get("txHL7.receiver")
+    if txhl7 is None:
+        return receiver.parseMessage
+    container_class = getattr(receiver, "message_cls", None)
+    parse_message = getattr(type(receiver), "parseMessage", None)
+    if (
+        parse_message is not txhl7.AbstractReceiver.parseMessage
+        or not isinstance(container_class, type)
+        or not issubclass(container_class, txhl7.HL7MessageContainer)
+        or getattr(container_class, "__init__", None) is not txhl7.HL7MessageContainer.__init__
+        or getattr(container_class, "__slots__", None) is not None
+    ):
+        return receiver.parseMessage
+
+    def build(raw_message: str) -> Any:
+        container: Any = object.__new__(container_class)
+        container.raw_message = raw_message  # as txHL7's MessageContainer.__init__ sets it
+        container.message = parse(raw_message)  # as its HL7MessageContainer.__init__, faster
+        return container
+
+    return build

@@ -40,7 +40,7 @@ from hl7bridge.defer import is_pending_result
 from hl7bridge.framing import DEFAULT_MAX_MESSAGE_SIZE, LENIENT
 from hl7bridge.handlers import as_receiver
 from hl7bridge.metrics import Metrics
-from hl7bridge.receiver import DEFAULT_ENCODING, HL7MessageContainer, codec_of
+from hl7bridge.receiver import DEFAULT_ENCODING, HL7MessageContainer, codec_of, message_parser
 
 log = logging.getLogger("hl7bridge.session")
 
@@ -186,6 +186,7 @@ class Engine:
         self.receiver = receiver = as_receiver(receiver)
         self.settings = settings or Settings()
         self.codec = codec_of(receiver)
+        self.parse_message = message_parser(receiver)
         timeout = receiver.getTimeout()
         self.idle_timeout: float | None = timeout if timeout is not None else self.settings.idle_timeout
         self._sessions: dict[Session, None] = {}
@@ -312,6 +313,7 @@ class Session:
         "engine",
         "host",
         "loop",
+        "parse_message",
         "peer",
         "reader",
         "receiver",
@@ -330,6 +332,7 @@ class Session:
         self.engine = engine
         self.settings = engine.settings
         self.receiver = engine.receiver
+        self.parse_message = engine.parse_message
         self.reader = reader
         self.writer = writer
         self.loop = loop
@@ -528,7 +531,7 @@ class Session:
             if fault is not None:
                 return self._refuse(block, header, fault, codec)
         try:
-            container = self.receiver.parseMessage(text)
+            container = self.parse_message(text)
         except Exception:
             failure = Failure()
             self._problem("message could not be parsed", "parseMessage failed: %s", failures.summary(failure))

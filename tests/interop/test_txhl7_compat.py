@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import hl7
 import pytest
 import txHL7.receiver
 from twisted.internet import reactor
@@ -105,3 +106,51 @@ async def test_receiver_declaring_txhl7_interface_only_is_served_as_txhl7_serves
         without_time_and_id(r.decode("latin-1")) for r in reference
     ]
     assert msa(failed)[1:3] == ["AR", "FAIL"] and "ERR" not in failed
+
+
+def test_unchanged_txhl7_receivers_get_the_very_containers_txhl7_builds_only_faster() -> None:
+    """The same class, the same attributes, the same python-hl7 tree; overridden parts are left alone."""
+    from hl7bridge.receiver import message_parser
+    from tests.test_parse import assert_same_tree
+
+    receiver = Cp1252Receiver()
+    fast = message_parser(receiver)
+    assert fast != receiver.parseMessage  # the faster path was taken
+    texts = [text for text in MESSAGES] + [text for _, text in corpus_messages_or_none()]
+    for text in texts:
+        theirs, ours = receiver.parseMessage(text), fast(text)
+        assert type(ours) is type(theirs) and set(vars(ours)) == set(vars(theirs)) == {"raw_message", "message"}
+        assert ours.raw_message == theirs.raw_message
+        assert_same_tree(ours.message, theirs.message)
+
+    class OwnInit(txHL7.receiver.HL7MessageContainer):
+        def __init__(self, raw_message: str) -> None:
+            super().__init__(raw_message)
+            self.seen = True
+
+    class OwnParse(txHL7.receiver.AbstractHL7Receiver):
+        def parseMessage(self, raw_message: str) -> Any:  # noqa: N802
+            return super().parseMessage(raw_message)
+
+    own_init = txHL7.receiver.AbstractHL7Receiver()
+    own_init.message_cls = OwnInit
+    for kept in (own_init, OwnParse(), txHL7.receiver.AbstractReceiver()):
+        assert message_parser(kept) == kept.parseMessage
+
+
+def corpus_messages_or_none() -> list[tuple[str, str]]:
+    """The corpus messages python-hl7 parses (none without the corpus)."""
+    from tests.support import corpus_messages
+
+    try:
+        found = corpus_messages()
+    except pytest.skip.Exception:
+        return []
+    parsed = []
+    for name, text in found:
+        try:
+            hl7.parse(text)
+        except Exception:
+            continue
+        parsed.append((name, text))
+    return parsed
