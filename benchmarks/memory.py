@@ -1,4 +1,4 @@
-"""Memory per idle connection, the memory target of issue 6: ``run.py --memory``.
+"""Memory per idle connection, the memory target: ``run.py --memory``.
 
     python benchmarks/run.py --memory               # every listener, 5,000 connections each
     python benchmarks/run.py --memory --write-docs  # also rewrites its section of docs/performance.md
@@ -52,7 +52,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-#: Connections held per listener (issue 6: "5,000 idle connections held").
+#: Connections held per listener (the target speaks of 5,000 idle connections held).
 CONNECTIONS = 5000
 
 #: Connections opened before waiting for the listener to accept them: fewer
@@ -451,7 +451,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def target_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Issue 6's memory target: per idle connection, no more memory than txHL7 (RSS)."""
+    """The memory target: per idle connection, no more memory than txHL7 (RSS)."""
     idle_ratio, one_ratio = ratios(rows, "idle"), ratios(rows, "one_message")
     out = [
         f"| listener | idle, RSS vs {REFERENCE} | after one message, RSS vs {REFERENCE} |",
@@ -529,7 +529,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         table(result),
         "",
-        "Target of issue 6, per idle connection no more memory than txHL7 (RSS ratios; missed in bold):",
+        "Target, per idle connection no more memory than txHL7 (RSS ratios; missed in bold):",
         "",
         *target_lines(result["rows"]),
         "",

@@ -618,7 +618,7 @@ SAME_LOOP_CEILING = {
 
 
 def targets(rows: list[Row]) -> list[dict[str, Any]]:
-    """The targets of issue 6, as ratios from this run's rows, one value per workload."""
+    """The performance targets, as ratios from this run's rows, one value per workload."""
     checks: list[dict[str, Any]] = []
 
     def ratio(listener: str, base: str, workload: str, connections: int, figure: str) -> float | None:
@@ -679,7 +679,7 @@ def comparison_table(comparison: list[dict[str, Any]]) -> str:
         "|---|---|--:|--:|--:|--:|",
     ]
     for entry in comparison:
-        for name, label in (("ours", "benchmarks/mllp_load.c"), ("shared", "../shared/bench/mllp_load.c")):
+        for name, label in (("ours", "benchmarks/mllp_load.c"), ("shared", "reference generator")):
             m = entry.get(name)
             if not m:
                 lines.append(f"| {entry['listener']} | {label} | error | | | |")
@@ -795,7 +795,7 @@ LISTENER_NOTES = [
     (
         "ceiling-twisted",
         "the same framing and canned ACK in a Twisted `Protocol` on the asyncio reactor: what Twisted's transport"
-        " costs on that loop, with no HL7 and no hl7bridge. Not a target of issue 6; it shows how much of the"
+        " costs on that loop, with no HL7 and no hl7bridge. Not a target; it shows how much of the"
         " Twisted face's gap to ceiling-asyncio is Twisted's own write path.",
     ),
 ]
@@ -854,7 +854,7 @@ def render_docs(result: dict[str, Any], rows: list[Row], chart_written: bool) ->
     if chart_written:
         parts += ["![ACKed messages per second, by listener and workload](performance.png)", ""]
     parts += [
-        "### Targets of issue 6, checked on this run",
+        "### Targets, checked on this run",
         "",
         "Each cell is a ratio of this run's figures in that workload (msgs/s over msgs/s, or p99 over p99);"
         " a missed target is in bold. Keep in mind the spread column above: a ratio of two rows each"
@@ -868,7 +868,7 @@ def render_docs(result: dict[str, Any], rows: list[Row], chart_written: bool) ->
         parts += [
             "### Load generator check",
             "",
-            "This harness's generator (`benchmarks/mllp_load.c`) and the shared one (`../shared/bench/mllp_load.c`),"
+            "This harness's generator (`benchmarks/mllp_load.c`) and an independently written reference generator of the same kind,"
             f" run in ABBA order on the same listener processes of this run, {s['compare_repeats']} run(s) each"
             f" of {s['compare_duration_s']:g} s, 8 connections, the same ORU file; medians. Generator CPU is the"
             " load generator's CPU time over its run; near 100% it would be the bottleneck.",
