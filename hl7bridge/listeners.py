@@ -33,7 +33,7 @@ from hl7.mllp import HL7StreamProtocol, HL7StreamReader
 from twisted.python.lockfile import FilesystemLock
 
 from hl7bridge.endpoints import ListenEndpoint, parse_listen_endpoint
-from hl7bridge.session import Engine
+from hl7bridge.session import Engine, peer_name
 
 log = logging.getLogger("hl7bridge.listeners")
 
@@ -46,12 +46,6 @@ TLS_REFUSED = "TLS handshake refused"
 # OpenSSL's reasons for a server-side handshake failure, as a reader of the log understands them.
 _NO_CERTIFICATE = {"PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"}
 _NOT_TLS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"}
-
-
-def _peer_name(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer or "peer")
 
 
 def refusal_reason(exc: BaseException, timeout: float | None) -> str | None:
@@ -185,7 +179,7 @@ class Listener:
         """Where it listens: ``HOST:PORT``, or the unix socket's path."""
         assert self._socket is not None, "bind() first"
         name = self._socket.getsockname()
-        return _peer_name(name) if isinstance(name, tuple) else str(name)
+        return peer_name(name) if isinstance(name, tuple) else str(name)
 
     async def start(self) -> None:
         """Start accepting connections (after :meth:`bind`)."""
@@ -237,7 +231,7 @@ class Listener:
     async def _secure(self, handshaking: _Handshaking, transport: asyncio.BaseTransport) -> None:
         """The TLS handshake of one connection; then its stream protocol serves it."""
         assert self._context is not None
-        peer = _peer_name(transport.get_extra_info("peername"))
+        peer = peer_name(transport.get_extra_info("peername"))
         try:
             secured = await self.loop.start_tls(
                 transport,

@@ -234,7 +234,7 @@ class Engine:
                 "the limit set by max_connections_per_peer (--max-connections-per-peer)"
             )
         if refused:
-            log.warning("%s: connection refused: %s", _peer_name(peer), refused)
+            log.warning("%s: connection refused: %s", peer_name(peer), refused)
             writer.close()
             return None
         session = Session(self, reader, writer, loop, host)
@@ -337,7 +337,7 @@ class Session:
         self.writer = writer
         self.loop = loop
         self.host = host  # the peer's address, for the per-peer connection count
-        self.peer = _peer_name(writer.get_extra_info("peername"))
+        self.peer = peer_name(writer.get_extra_info("peername"))
         self._deframer = framing.Deframer(self.settings.framing, self.settings.max_message_size)
         # Replies in arrival order; rarely more than max_in_flight, so pop(0) costs little.
         self._pending: list[Reply] = []
@@ -868,7 +868,8 @@ class Session:
         self._arm_timer()
 
 
-def _peer_name(peer: object) -> str:
+def peer_name(peer: object) -> str:
+    """A peer address as logs show it: ``host:port``, or the address as it is."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer or "peer")
