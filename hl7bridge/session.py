@@ -506,11 +506,9 @@ class Session:
             self._pause(_STOPPING)
             self._close_if_answered()
 
-    def _close_if_answered(self) -> bool:
-        if self._pending or not self._paused & _STOPPING:
-            return False
-        self.close()
-        return True
+    def _close_if_answered(self) -> None:
+        if not self._pending and self._paused & _STOPPING:
+            self.close()
 
     # One message
 
