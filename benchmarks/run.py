@@ -868,7 +868,8 @@ def render_docs(result: dict[str, Any], rows: list[Row], chart_written: bool) ->
         parts += [
             "### Load generator check",
             "",
-            "This harness's generator (`benchmarks/mllp_load.c`) and an independently written reference generator of the same kind,"
+            "This harness's generator (`benchmarks/mllp_load.c`) and an independently written reference"
+            " generator of the same kind,"
             f" run in ABBA order on the same listener processes of this run, {s['compare_repeats']} run(s) each"
             f" of {s['compare_duration_s']:g} s, 8 connections, the same ORU file; medians. Generator CPU is the"
             " load generator's CPU time over its run; near 100% it would be the bottleneck.",
