@@ -27,6 +27,7 @@ import os
 import socket
 import ssl
 import stat
+import sys
 from typing import Any
 
 from hl7.mllp import HL7StreamProtocol, HL7StreamReader
@@ -36,6 +37,12 @@ from hl7bridge.endpoints import ListenEndpoint, parse_listen_endpoint
 from hl7bridge.session import Engine, peer_name
 
 log = logging.getLogger("hl7bridge.listeners")
+
+#: Whether ``ssl:`` and ``mtls:`` are served with asyncio's TLS. Before Python 3.11
+#: (whose TLS layer was rewritten), asyncio's TLS transport fails in ``start_tls``
+#: and in ``pause_reading`` once the connection under it is gone, so Twisted's TLS
+#: serves those endpoints there, without the handshake timeout.
+ASYNCIO_TLS = sys.version_info >= (3, 11)
 
 #: Seconds a TLS client has to finish its handshake.
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 30.0
@@ -281,6 +288,6 @@ def listener_for(
         ValueError: the string is one of the types hl7bridge listens on, but malformed.
     """
     endpoint = parse_listen_endpoint(description)
-    if endpoint is None:
+    if endpoint is None or (endpoint.tls and not ASYNCIO_TLS):
         return None
     return Listener(endpoint, engine, loop, tls_handshake_timeout)

@@ -25,6 +25,7 @@ line saying it was dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -809,14 +810,18 @@ class Session:
 
     def _pause(self, reason: int) -> None:
         if not self._paused:
-            self.writer.transport.pause_reading()
+            # Python 3.10's asyncio TLS transport raises AttributeError once the
+            # connection under it is gone (it may not say it is closing yet).
+            with contextlib.suppress(AttributeError):
+                self.writer.transport.pause_reading()
         self._paused |= reason
 
     def _resume(self, reason: int) -> None:
         if self._paused & reason:
             self._paused &= ~reason
             if not self._paused and not self._closed:
-                self.writer.transport.resume_reading()
+                with contextlib.suppress(AttributeError):  # as in _pause
+                    self.writer.transport.resume_reading()
 
     # Timeouts
 

@@ -278,3 +278,15 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
+
+
+def _asyncio_tls() -> bool:
+    from hl7bridge.listeners import ASYNCIO_TLS
+
+    return ASYNCIO_TLS
+
+
+#: Tests of TLS served by asyncio (the handshake timeout and its refusals).
+needs_asyncio_tls = pytest.mark.skipif(
+    not _asyncio_tls(), reason="before Python 3.11, Twisted's TLS serves ssl: and mtls: endpoints"
+)

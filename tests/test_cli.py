@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.cases import CR, FS, VT
-from tests.support import message
+from tests.support import message, needs_asyncio_tls
 from tests.test_docs import Lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,6 +306,7 @@ def test_serve_listens_through_asyncio_and_leaves_other_endpoint_types_to_twiste
     assert "TCP6 AA" in log and "TCP4 AA" in log
 
 
+@needs_asyncio_tls
 def test_serve_closes_tls_clients_that_never_shake_hands_and_counts_them(tmp_path: Path) -> None:
     import socket
     import urllib.request

@@ -27,7 +27,7 @@ from hl7bridge.mllp import StreamTransport
 from hl7bridge.session import Engine, Settings
 from hl7bridge.testing import asyncio_test
 from tests.interop.test_endpoints import mtls_endpoint, mutual_tls_files, refused
-from tests.support import Peer, frame, message, msa, self_signed
+from tests.support import Peer, frame, message, msa, needs_asyncio_tls, self_signed
 from tests.test_session import Recording
 
 HANDSHAKE_TIMEOUT = 0.5
@@ -210,6 +210,7 @@ def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+@needs_asyncio_tls
 @asyncio_test
 async def test_silent_clients_are_closed_after_the_handshake_timeout_while_a_tls_client_is_served(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -241,6 +242,7 @@ async def test_silent_clients_are_closed_after_the_handshake_timeout_while_a_tls
     assert f'hl7bridge_problems_total{{kind="{TLS_REFUSED}"}} 20' in text
 
 
+@needs_asyncio_tls
 @asyncio_test
 async def test_mtls_refusals_are_logged_with_peer_and_reason_and_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -278,6 +280,7 @@ async def test_mtls_refusals_are_logged_with_peer_and_reason_and_counted(
     assert len(receiver.received) == 1
 
 
+@needs_asyncio_tls
 @asyncio_test
 async def test_closing_a_tls_listener_abandons_handshakes_under_way(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
