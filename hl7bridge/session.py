@@ -289,7 +289,7 @@ class Session:
 
     A listener may hold thousands of idle connections, so a session allocates
     little until messages come: slots rather than a ``__dict__``, an empty list
-    for the replies pending, and the empty tuple until a framing deviation is noted.
+    for the replies pending, and no problem counts until a peer causes a problem.
     """
 
     __slots__ = (
@@ -316,7 +316,6 @@ class Session:
         "loop",
         "parse_message",
         "peer",
-        "reader",
         "receiver",
         "settings",
         "writer",
@@ -334,7 +333,6 @@ class Session:
         self.settings = engine.settings
         self.receiver = engine.receiver
         self.parse_message = engine.parse_message
-        self.reader = reader
         self.writer = writer
         self.loop = loop
         self.host = host  # the peer's address, for the per-peer connection count

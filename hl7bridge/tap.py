@@ -44,7 +44,6 @@ DEFAULT_ENDPOINT = "tcp:2575"
 
 log = logging.getLogger("hl7bridge.tap")
 migration_log = logging.getLogger("hl7bridge.migration")
-log = logging.getLogger("hl7bridge.tap")
 
 
 def describe_failure(exc: BaseException) -> str:
