@@ -44,6 +44,7 @@ TOO_LARGE = Rejection("AR", "message too large", "207", "Application internal er
 INCOMPLETE = Rejection("AR", "message not completed in time", "207", "Application internal error")
 HANDLER_FAILED = Rejection("AR", "handler failed", "207", "Application internal error")
 HANDLER_TIMEOUT = Rejection("AE", "handler timed out", "207", "Application internal error")
+JOURNAL_UNAVAILABLE = Rejection("AR", "message journal unavailable", "207", "Application internal error")
 
 # MSH faults (see header_fault). Those in ANSWERABLE still leave the control id
 # readable, so an AR can carry it in MSA-2; the others leave none to put there,

@@ -161,6 +161,13 @@ def serve(options: ServeOptions) -> int:
     status = 0
     stoppers: list[Callable[[], object]] = []
 
+    def journal_failed() -> None:
+        nonlocal status
+        status = 1
+        reactor.callWhenRunning(reactor.stop)
+
+    tap.open_journal(factory, journal_failed)
+
     def stop() -> Any:
         if status == 0:  # else it stops because an endpoint could not listen, as logged
             log.info("stopping: no new connections, answering what is in flight")

@@ -62,11 +62,16 @@ class Metrics:
     def __init__(self) -> None:
         self.messages: Counter[tuple[str, str]] = Counter()
         self.problems: Counter[str] = Counter()
+        self.retransmissions: Counter[str] = Counter()
         self._latency: dict[tuple[str, str], _Histogram] = {}
 
     def problem(self, kind: str) -> None:
         """A peer sent something wrong: ``kind`` says what (see ``docs/reliability.md``)."""
         self.problems[kind] += 1
+
+    def retransmission(self, message_type: str) -> None:
+        """A message already answered came again and got its journaled answer, the handler not run."""
+        self.retransmissions[message_type] += 1
 
     def record(self, message_type: str, ack_code: str, seconds: float) -> None:
         """One message of ``message_type`` answered ``ack_code`` ("none" for no ACK) after ``seconds``."""
@@ -115,6 +120,12 @@ class Metrics:
                 "counter",
                 "Problems with what peers sent, by kind; each kind is logged once per connection.",
                 [("_total", {"kind": kind}, float(n)) for kind, n in sorted(self.problems.items())],
+            ),
+            Family(
+                "hl7bridge_retransmissions",
+                "counter",
+                "Messages answered from the journal without running the handler, by message type.",
+                [("_total", {"message_type": kind}, float(n)) for kind, n in sorted(self.retransmissions.items())],
             ),
         ]
 

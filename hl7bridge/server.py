@@ -26,16 +26,19 @@ async def serve(target: Any, host: str | None = None, port: int | None = None, *
         **options: the fields of :class:`hl7bridge.session.Settings`
             (``framing``, ``max_message_size``, the timeouts and limits);
             anything else goes to ``loop.create_server`` (``ssl``,
-            ``backlog``, ``reuse_port``, ...).
+            ``backlog``, ``reuse_port``, ...). With ``journal``, the journal
+            is opened before the server starts.
 
     Returns:
         The ``asyncio.Server``; :func:`shutdown` stops it gracefully.
 
     Raises:
         WrongReactor: a Twisted reactor is installed that does not run on this loop.
+        Exception: the journal's database cannot be reached or used (what its driver raised).
     """
     check_loop(asyncio.get_running_loop())
     engine = Engine(target, Settings.take(options))
+    await engine.open()
     server = await start_hl7_server(engine.connected, host, port, **options)
     _engines[server] = engine
     return server

@@ -40,6 +40,16 @@ from hl7bridge import ack, charsets, failures, framing
 from hl7bridge.defer import is_pending_result
 from hl7bridge.framing import DEFAULT_MAX_MESSAGE_SIZE, LENIENT
 from hl7bridge.handlers import as_receiver
+from hl7bridge.journal import (
+    DEFAULT_KEY,
+    DEFAULT_RETENTION_DAYS,
+    FAILED,
+    Arrival,
+    Journal,
+    Recorded,
+    check_url,
+    parse_key,
+)
 from hl7bridge.metrics import Metrics
 from hl7bridge.receiver import DEFAULT_ENCODING, HL7MessageContainer, codec_of, message_parser
 
@@ -96,6 +106,13 @@ class Settings:
             (:class:`hl7bridge.metrics.Metrics`, as ``Engine.metrics``).
         log_content: also log each message and its ACK, in full, on the
             ``hl7bridge.content`` logger. Off by default: they are patient data.
+        journal: URL of a message journal (:mod:`hl7bridge.journal`):
+            ``sqlite:///file.db`` or ``postgresql://user@host/db``. Each message
+            is journaled when it arrives and its ACK committed before it is
+            sent; a retransmission of an accepted message gets the same ACK
+            without the handler running. None: no journal.
+        journal_key: the MSH fields that identify a message in the journal.
+        journal_retention: days a journaled message is kept.
     """
 
     framing: str = LENIENT
@@ -110,6 +127,9 @@ class Settings:
     drain_timeout: float = 10.0
     metrics: bool = False
     log_content: bool = False
+    journal: str | None = None
+    journal_key: str = DEFAULT_KEY
+    journal_retention: float = DEFAULT_RETENTION_DAYS
 
     def __post_init__(self) -> None:
         if self.framing not in framing.FRAMING_MODES:
@@ -124,6 +144,14 @@ class Settings:
                 raise ValueError(f"{name} must be more than 0 seconds, or None for no limit")
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must not be negative")
+        if self.journal is not None:
+            check_url(self.journal)  # its message starts with "journal", the field's name
+        try:
+            parse_key(self.journal_key)
+        except ValueError as exc:
+            raise ValueError(f"journal_key {exc}") from None
+        if self.journal_retention <= 0:
+            raise ValueError("journal_retention must be more than 0 days")
 
     @classmethod
     def take(cls, options: dict[str, Any]) -> Settings:
@@ -140,18 +168,23 @@ class Answer:
     returns is written at once, like a plain value.
     """
 
-    __slots__ = ("done", "observed", "session", "task", "timer", "value")
+    __slots__ = ("arrival", "done", "observed", "ready", "session", "task", "timer", "value")
 
     def __init__(self) -> None:
-        self.done = False
+        self.done = False  # its value is known
+        self.ready = False  # and may be sent: with a journal, once it is committed
         self.value: bytes | None = None
         self.session: Session | None = None
         self.task: asyncio.Task[None] | None = None  # a coroutine's task, held until it ends
         self.timer: asyncio.TimerHandle | None = None  # the handler timeout
         self.observed: Observed | None = None  # for metrics and the message log
+        self.arrival: Arrival | None = None  # its journal entry, while the answer is to be committed
 
     def settle(self, value: bytes | None) -> None:
-        """The answer is known; the session writes it when those before it are written."""
+        """The answer is known; the session writes it when those before it are written.
+
+        With a journal, it is committed first (ACK after commit).
+        """
         if self.done:
             # Only the handler timeout settles an answer before its handler does.
             log.warning("a handler finished after its timeout; its answer was dropped")
@@ -161,6 +194,19 @@ class Answer:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        arrival = self.arrival
+        if arrival is None:
+            self._ready(True)
+        else:
+            code = ack.read_ack_code(value) if value is not None else "none"
+            arrival.journal.answer(arrival, value, code, self._ready)  # type: ignore[union-attr]
+
+    def _ready(self, committed: bool) -> None:
+        arrival, self.arrival = self.arrival, None
+        if not committed and arrival is not None and self.session is not None:
+            # The journal could not keep the answer: it must not be sent.
+            self.value = self.session._journal_refusal(arrival)
+        self.ready = True
         if self.session is not None:
             self.session._settled(self)
 
@@ -196,6 +242,21 @@ class Engine:
         # Handler tasks of connections that closed before they finished: held until they end.
         self._orphans: set[asyncio.Task[None]] = set()
         self.metrics = Metrics() if self.settings.metrics else None
+        settings = self.settings
+        self.journal = (
+            Journal(settings.journal, settings.journal_key, settings.journal_retention) if settings.journal else None
+        )
+
+    async def open(self) -> None:
+        """Open the journal, if there is one (else nothing to do): a listener calls it before it accepts.
+
+        Without it, the journal opens when the first message arrives.
+
+        Raises:
+            Exception: the journal's database cannot be reached or used.
+        """
+        if self.journal is not None:
+            await self.journal.open()
 
     @property
     def connections(self) -> int:
@@ -267,17 +328,22 @@ class Engine:
             timeout = self.settings.drain_timeout
         for session in list(self._sessions):
             session._stop("shutting down")
-        if not self._sessions:
-            return
-        self._all_closed = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._all_closed), timeout)
-        except asyncio.TimeoutError:
-            late = list(self._sessions)
-            unsent = sum(session.close() for session in late)
-            log.warning(
-                "shutdown: %d connections still busy after %ss closed; %d ACKs never sent", len(late), timeout, unsent
-            )
+        if self._sessions:
+            self._all_closed = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._all_closed), timeout)
+            except asyncio.TimeoutError:
+                late = list(self._sessions)
+                unsent = sum(session.close() for session in late)
+                log.warning(
+                    "shutdown: %d connections still busy after %ss closed; %d ACKs never sent",
+                    len(late),
+                    timeout,
+                    unsent,
+                )
+        if self.journal is not None:
+            # What was answered but not yet committed is committed (and stays unsent).
+            await self.journal.close()
 
 
 class Session:
@@ -313,6 +379,8 @@ class Session:
         "_unreported",
         "engine",
         "host",
+        "journal",
+        "listener",
         "loop",
         "parse_message",
         "peer",
@@ -337,6 +405,9 @@ class Session:
         self.loop = loop
         self.host = host  # the peer's address, for the per-peer connection count
         self.peer = peer_name(writer.get_extra_info("peername"))
+        self.journal = engine.journal
+        # The address the peer connected to, for the journal.
+        self.listener = peer_name(writer.get_extra_info("sockname")) if self.journal is not None else ""
         self._deframer = framing.Deframer(self.settings.framing, self.settings.max_message_size)
         # Replies in arrival order; rarely more than max_in_flight, so pop(0) costs little.
         self._pending: list[Reply] = []
@@ -445,7 +516,9 @@ class Session:
                     self._hold(events[index:])
                     break
                 finished = True
-                if self._observing:
+                if self.journal is not None:
+                    self._arrive(event.data)
+                elif self._observing:
                     self._submit_observed(event.data)
                 else:
                     self._submit(self.dispatch(event.data))
@@ -511,8 +584,57 @@ class Session:
 
     # One message
 
-    def dispatch(self, block: bytes) -> Reply:
-        """Decode, parse and handle one block; return its reply."""
+    def _arrive(self, block: bytes) -> None:
+        """With a journal: journal the block, then handle it, or send its recorded answer again.
+
+        A block without a usable MSH (no control id to key it by) is not
+        journaled: it gets its NAK, or nothing, as it would without a journal.
+        """
+        assert self.journal is not None
+        header = ack.read_header(block[: framing.HEAD_SIZE].decode("latin-1"))
+        key = self.journal.key_of(header) if header is not None and ack.header_fault(header) is None else None
+        if key is None:
+            if self._observing:
+                self._submit_observed(block)
+            else:
+                self._submit(self.dispatch(block))
+            return
+        assert header is not None
+        answer = Answer()
+        if self._observing:
+            answer.observed = (block, header, self.loop.time())
+        arrival = Arrival(key, header, block, self.listener, self.peer)
+        self.journal.begin(arrival, lambda recorded: self._begun(answer, arrival, recorded))
+        self._submit(answer)
+
+    def _begun(self, answer: Answer, arrival: Arrival, recorded: Recorded | None) -> None:
+        """The journal has the message: handle it (None), or answer it as recorded."""
+        if recorded is FAILED:
+            answer.settle(self._journal_refusal(arrival))
+        elif recorded is not None:
+            log.info("%s: retransmission of control id %s answered from the journal", self.peer, arrival.control_id)
+            if self.engine.metrics is not None:
+                self.engine.metrics.retransmission(arrival.message_type)
+            answer.settle(recorded.ack)
+        else:
+            # Handled even if the connection has gone meanwhile: the journal
+            # has it, and a retransmission will get the answer.
+            answer.arrival = arrival
+            reply = self.dispatch(arrival.raw, answer)
+            if not isinstance(reply, Answer) and not answer.done:
+                answer.settle(reply)
+            elif self._closed and answer.task is not None:
+                self.engine._adopt(answer.task)
+
+    def _journal_refusal(self, arrival: Arrival) -> bytes | None:
+        """The AR for a message the journal could not keep (or whose answer it could not)."""
+        return self._nak(arrival.raw, ack.JOURNAL_UNAVAILABLE, self.engine.codec_for(arrival.raw))
+
+    def dispatch(self, block: bytes, answer: Answer | None = None) -> Reply:
+        """Decode, parse and handle one block; return its reply.
+
+        An answer still to come settles ``answer`` if one is given (a new one if not).
+        """
         self._header = None
         codec = self.engine.codec_for(block)
         try:
@@ -545,7 +667,8 @@ class Session:
             return self._failed(Failure(), container, codec)
         if result is None or isinstance(result, (str, bytes)) or not is_pending_result(result):
             return self._encode(result, codec)
-        answer = Answer()
+        if answer is None:
+            answer = Answer()
         if isinstance(result, Deferred):
             # An answer that cannot be encoded fails like the handler did. A
             # Deferred that has fired already settles the answer here and now.
@@ -573,7 +696,8 @@ class Session:
         else:
             # Ready, but behind answers still to come: it waits with them.
             answer = Answer()
-            answer.done, answer.value, answer.observed, answer.session = True, reply, observed, self
+            answer.done = answer.ready = True
+            answer.value, answer.observed, answer.session = reply, observed, self
             self._pending.append(answer)
 
     def _record(self, observed: Observed, reply: bytes | None, settled: bool, sent: bool) -> None:
@@ -733,7 +857,7 @@ class Session:
             self._pending.append(reply)
         elif not isinstance(reply, Answer):
             self._send(reply)
-        elif reply.done:
+        elif reply.ready:
             self._deliver(reply)
         else:
             reply.session = self
@@ -749,7 +873,7 @@ class Session:
         while pending:
             head = pending[0]
             if isinstance(head, Answer):
-                if not head.done:
+                if not head.ready:
                     break
                 pending.pop(0)
                 self._deliver(head)

@@ -25,12 +25,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import FileLogObserver, ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from hl7bridge import listeners
 from hl7bridge.defer import to_deferred
 from hl7bridge.errors import LocalError, ReceiverNotLoaded, WrongReactor
+from hl7bridge.journal import redact
 from hl7bridge.listeners import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from hl7bridge.metrics import Metrics, prometheus_text
 from hl7bridge.migration.router import Router
@@ -198,6 +200,15 @@ class Options(usage.Options):
             number("tls-handshake-timeout", float, "a number of seconds"),
         ],
         ["metrics-endpoint", None, None, "serve Prometheus metrics at /metrics on this endpoint"],
+        [
+            "journal",
+            None,
+            None,
+            "keep a message journal: ACK after commit, retransmissions answered once "
+            "(sqlite:///file.db, sqlite:////abs/file.db or postgresql://user@host:port/db)",
+        ],
+        ["journal-key", None, Settings().journal_key, "the MSH fields that identify a message in the journal"],
+        _setting("journal-retention", "days a journaled message is kept", float, "a number of days"),
     ]
     optFlags = [
         ["follow-msh18", None, "decode in the charset MSH-18 declares when the receiver names none"],
@@ -343,9 +354,37 @@ class DrainingService(service.MultiService):
         self.factory = factory
         self.exit_grace = exit_grace
 
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        open_journal(self.factory, _stop_reactor)
+
     def stopService(self) -> Deferred[None]:  # noqa: N802
         stopped: Deferred[Any] = super().stopService()
         return stopped.addCallback(lambda _: drain_and_report(self.factory, self.exit_grace))
+
+
+def _stop_reactor() -> None:
+    from twisted.internet import reactor
+
+    cast(Any, reactor).stop()
+
+
+def open_journal(factory: MLLPFactory, failed: Callable[[], object]) -> None:
+    """Open the factory's journal now, if it has one, rather than at the first message.
+
+    If it cannot be opened, one line says why and ``failed`` is called (it
+    stops the process). Messages that arrive meanwhile wait for it.
+    """
+    journal = factory.engine.journal
+    if journal is None:
+        return
+
+    def cannot(failure: Failure) -> None:
+        # Connection and schema errors name no message content: shown as they are.
+        log.error("cannot open the journal %s: %s: %s", redact(journal.url), failure.type.__name__, failure.value)
+        failed()
+
+    to_deferred(factory.engine.open(), factory.loop).addErrback(cannot)
 
 
 def drain_and_report(factory: MLLPFactory, exit_grace: float | None = None) -> Deferred[None]:

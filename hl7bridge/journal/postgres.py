@@ -1,0 +1,300 @@
+"""A journal several listeners share: PostgreSQL, through asyncpg's connection pool.
+
+Durability is PostgreSQL's: a transaction is durable when it commits with
+``synchronous_commit`` on (its default), on the standby too with
+``remote_apply`` or ``on`` and a synchronous standby. The journal's unique key
+decides between nodes: of two copies of a message arriving at two listeners,
+one inserts its row and is handled, the other waits for that row's answer.
+
+The URL is a libpq URL (``postgresql://user:password@host:port/db``);
+``?schema=NAME`` keeps the journal's tables in a schema of their own (created
+if missing), and other query parameters go to asyncpg (``sslmode``, server
+settings such as ``synchronous_commit``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from hl7bridge.journal import (
+    CLAIM,
+    NEW,
+    REPLAY,
+    SCHEMA_VERSION,
+    WAIT,
+    Answered,
+    Arrival,
+    Existing,
+    JournalError,
+    Message,
+    Node,
+    Outcome,
+    Recorded,
+    decide,
+    redact,
+)
+
+# Version 1. A later version adds its statements to MIGRATIONS under its number.
+SCHEMA = """
+CREATE TABLE hl7bridge_journal_nodes (
+    id bigserial PRIMARY KEY,
+    host text NOT NULL,
+    pid integer NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    seen_at timestamptz NOT NULL DEFAULT now(),
+    stopped_at timestamptz
+);
+CREATE TABLE hl7bridge_journal_messages (
+    id bigserial PRIMARY KEY,
+    key text NOT NULL UNIQUE,
+    received_at timestamptz NOT NULL,
+    listener text NOT NULL,
+    peer text NOT NULL,
+    sending_application text NOT NULL,
+    sending_facility text NOT NULL,
+    message_type text NOT NULL,
+    control_id text NOT NULL,
+    raw bytea NOT NULL,
+    node bigint,
+    attempts integer NOT NULL DEFAULT 1,
+    ack bytea,
+    ack_code text,
+    answered_at timestamptz
+);
+CREATE INDEX hl7bridge_journal_received ON hl7bridge_journal_messages (received_at);
+CREATE INDEX hl7bridge_journal_pending ON hl7bridge_journal_messages (answered_at) WHERE answered_at IS NULL;
+"""
+
+#: Statements that take a journal from version n - 1 to n.
+MIGRATIONS: dict[int, str] = {}
+
+_COLUMNS = (
+    "id, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw, "
+    "ack, ack_code, answered_at, node, attempts"
+)
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+_INSERT = """
+INSERT INTO hl7bridge_journal_messages (key, received_at, listener, peer, sending_application,
+    sending_facility, message_type, control_id, raw, node)
+SELECT key, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw, $10
+FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+    $8::text[], $9::bytea[])
+    AS m(key, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw)
+ON CONFLICT (key) DO NOTHING
+RETURNING id, key
+"""
+
+_ANSWER = """
+UPDATE hl7bridge_journal_messages AS m SET ack = a.ack, ack_code = a.code, answered_at = now()
+FROM unnest($1::bigint[], $2::bytea[], $3::text[]) AS a(id, ack, code)
+WHERE m.id = a.id AND m.node = $4 AND m.answered_at IS NULL
+RETURNING m.id
+"""
+
+_CLAIM = """
+UPDATE hl7bridge_journal_messages SET node = $2, received_at = $3, listener = $4, peer = $5, raw = $6,
+    message_type = $7, ack = NULL, ack_code = NULL, answered_at = NULL, attempts = attempts + 1
+WHERE id = $1
+"""
+
+
+def _message(row: Any) -> Message:
+    return Message(*(row[column] for column in _COLUMNS.split(", ")))
+
+
+class PostgresBackend:
+    """A journal in a PostgreSQL database, shared by every listener given its URL."""
+
+    #: Writes at once: while one group waits for its commit, the next is sent.
+    concurrency = 2
+
+    def __init__(self, dsn: str, schema: str | None) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self._pool: Any = None
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresBackend:
+        """A backend for ``postgresql://...`` (``postgresql+asyncpg://`` as SQLAlchemy writes it too)."""
+        parts = urlsplit(url)
+        if not parts.path.strip("/"):
+            raise JournalError(f"journal URL {redact(url)!r}: name the database, as postgresql://user@host/db")
+        query = parse_qsl(parts.query)
+        schemas = [value for name, value in query if name == "schema"]
+        schema = schemas[-1] if schemas else None
+        if schema is not None and not _IDENTIFIER.fullmatch(schema):
+            raise JournalError(f"journal URL: schema {schema!r} is not a plain SQL name")
+        rest = urlencode([(name, value) for name, value in query if name != "schema"])
+        return cls(urlunsplit(("postgresql", parts.netloc, parts.path, rest, "")), schema)
+
+    async def connect(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            import asyncpg
+        except ImportError:
+            raise JournalError("a PostgreSQL journal needs asyncpg: pip install 'hl7bridge[postgresql]'") from None
+        settings = {"search_path": self.schema} if self.schema else None
+        if self.schema:
+            # The schema must exist before a pool whose search_path names it is used.
+            connection = await asyncpg.connect(self.dsn)
+            try:
+                await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            finally:
+                await connection.close()
+        pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, server_settings=settings)
+        try:
+            async with pool.acquire() as connection, connection.transaction():
+                # One process at a time creates or migrates the schema.
+                await connection.execute("SELECT pg_advisory_xact_lock(hashtext('hl7bridge_journal_schema'))")
+                await _migrate(connection)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def register(self, host: str, pid: int) -> int:
+        node = await self._pool.fetchval(
+            "INSERT INTO hl7bridge_journal_nodes (host, pid) VALUES ($1, $2) RETURNING id", host, pid
+        )
+        return int(node)
+
+    async def write(
+        self, node: int, busy: set[str], arrivals: list[Arrival], answers: list[Answered]
+    ) -> tuple[list[Outcome], set[int | None]]:
+        lost: set[int | None] = set()
+        outcomes: list[Outcome] = []
+        async with self._pool.acquire() as connection, connection.transaction():
+            if answers:
+                ids = [answered.arrival.id for answered in answers]
+                written = await connection.fetch(
+                    _ANSWER, ids, [answered.ack for answered in answers], [answered.code for answered in answers], node
+                )
+                lost = set(ids) - {row["id"] for row in written}
+            if arrivals:
+                outcomes = await self._begin(connection, node, busy, arrivals)
+        return outcomes, lost
+
+    async def _begin(self, connection: Any, node: int, busy: set[str], arrivals: list[Arrival]) -> list[Outcome]:
+        columns: list[list[Any]] = [[] for _ in range(9)]
+        for arrival in arrivals:
+            values = (
+                arrival.key,
+                arrival.received,
+                arrival.listener,
+                arrival.peer,
+                arrival.sender,
+                arrival.facility,
+                arrival.message_type,
+                arrival.control_id,
+                arrival.raw,
+            )
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+        inserted = {row["key"]: row["id"] for row in await connection.fetch(_INSERT, *columns, node)}
+        # Keys inserted by another transaction, and keys that came twice in this group.
+        counts = Counter(arrival.key for arrival in arrivals)
+        taken = [key for key, count in counts.items() if key not in inserted or count > 1]
+        rows: dict[str, Existing] = {}
+        owners: dict[int, Node] = {}
+        if taken:
+            for row in await connection.fetch(
+                "SELECT id, key, node, ack_code, ack, answered_at IS NOT NULL AS answered "
+                "FROM hl7bridge_journal_messages WHERE key = ANY($1::text[]) FOR UPDATE",
+                taken,
+            ):
+                rows[row["key"]] = Existing(row["id"], row["node"], row["ack_code"], row["ack"], row["answered"])
+            nodes = [row.node for row in rows.values() if row.node is not None and not row.answered]
+            for row in await connection.fetch(
+                "SELECT id, host, pid, extract(epoch FROM now() - seen_at)::float8 AS idle, stopped_at IS NOT NULL "
+                "AS stopped FROM hl7bridge_journal_nodes WHERE id = ANY($1::bigint[])",
+                nodes,
+            ):
+                owners[row["id"]] = Node(row["id"], row["host"], row["pid"], row["idle"], row["stopped"])
+        outcomes = []
+        for arrival in arrivals:
+            key = arrival.key
+            new = inserted.pop(key, None)
+            if new is not None:
+                busy.add(key)
+                outcomes.append(Outcome(NEW, new))
+                continue
+            existing = rows.get(key)
+            if existing is None:
+                outcomes.append(Outcome(WAIT))  # purged meanwhile: tried again shortly
+                continue
+            action = decide(existing, node, busy, key, owners.get(existing.node) if existing.node else None)
+            if action == REPLAY:
+                outcomes.append(Outcome(REPLAY, recorded=Recorded(existing.ack, existing.code or "none")))
+            elif action == CLAIM:
+                await connection.execute(
+                    _CLAIM,
+                    existing.id,
+                    node,
+                    arrival.received,
+                    arrival.listener,
+                    arrival.peer,
+                    arrival.raw,
+                    arrival.message_type,
+                )
+                existing.node, existing.answered = node, False
+                busy.add(key)
+                outcomes.append(Outcome(NEW, existing.id))
+            else:
+                outcomes.append(Outcome(action))
+        return outcomes
+
+    async def heartbeat(self, node: int) -> None:
+        await self._pool.execute("UPDATE hl7bridge_journal_nodes SET seen_at = now() WHERE id = $1", node)
+
+    async def pending(self) -> list[Message]:
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM hl7bridge_journal_messages WHERE answered_at IS NULL ORDER BY received_at, id"
+        )
+        return [_message(row) for row in rows]
+
+    async def messages(self, since: datetime | None, after: int, limit: int) -> list[Message]:
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM hl7bridge_journal_messages WHERE answered_at IS NOT NULL "
+            "AND ($1::timestamptz IS NULL OR received_at >= $1) AND id > $2 ORDER BY id LIMIT $3",
+            since,
+            after,
+            limit,
+        )
+        return [_message(row) for row in rows]
+
+    async def purge(self, before: datetime) -> int:
+        status = await self._pool.execute("DELETE FROM hl7bridge_journal_messages WHERE received_at < $1", before)
+        return int(status.split()[-1])
+
+    async def close(self, node: int | None) -> None:
+        if self._pool is None:
+            return
+        try:
+            if node is not None:
+                await self._pool.execute("UPDATE hl7bridge_journal_nodes SET stopped_at = now() WHERE id = $1", node)
+        finally:
+            await self._pool.close()
+            self._pool = None
+
+
+async def _migrate(connection: Any) -> None:
+    """Create the schema, or bring an older one to :data:`SCHEMA_VERSION`."""
+    exists = await connection.fetchval("SELECT to_regclass('hl7bridge_journal_schema') IS NOT NULL")
+    if not exists:
+        await connection.execute("CREATE TABLE hl7bridge_journal_schema (version integer NOT NULL)")
+        await connection.execute(SCHEMA)
+        await connection.execute("INSERT INTO hl7bridge_journal_schema (version) VALUES ($1)", SCHEMA_VERSION)
+        return
+    version = await connection.fetchval("SELECT version FROM hl7bridge_journal_schema")
+    if version > SCHEMA_VERSION:
+        raise JournalError(f"the journal has schema version {version}, newer than this hl7bridge's {SCHEMA_VERSION}")
+    for number in range(version + 1, SCHEMA_VERSION + 1):
+        await connection.execute(MIGRATIONS[number])
+    await connection.execute("UPDATE hl7bridge_journal_schema SET version = $1", SCHEMA_VERSION)
