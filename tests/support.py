@@ -129,6 +129,8 @@ async def listening(face: str, receiver: Any, **options: Any) -> AsyncIterator[i
         finally:
             del ENGINES[number]
             server.close()
+            if _engines[server].journal is not None:
+                await _engines[server].journal.close()
     else:
         factory = MLLPFactory(receiver, **options)
         port = reactor.listenTCP(0, factory, backlog=BACKLOG, interface=HOST)

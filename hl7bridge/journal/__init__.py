@@ -472,7 +472,9 @@ class Journal:
 
     async def purge(self, older_than: timedelta | None = None) -> int:
         """Delete messages received longer ago than ``older_than`` (the retention by default); how many."""
-        return await self.backend.purge(datetime.now(timezone.utc) - (older_than or self.retention))
+        await self.backend.connect()
+        age = self.retention if older_than is None else older_than
+        return await self.backend.purge(datetime.now(timezone.utc) - age)
 
     # Reading, for the journal commands
 

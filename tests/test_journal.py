@@ -1,0 +1,333 @@
+"""The message journal on both backends (SQLite, PostgreSQL) and both faces.
+
+ACK after commit, retransmissions answered once, a copy in flight waits for the
+first, errors retried, what is not journaled, what happens when the journal
+cannot be written, and the settings that name it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hl7bridge import ack
+from hl7bridge.journal import Journal, JournalError, Message, parse_key, redact
+from hl7bridge.receiver import AbstractHL7Receiver, MessageContainer
+from hl7bridge.session import Settings
+from hl7bridge.testing import asyncio_test
+from tests.support import ENGINES, FACES, Peer, frame, listening, message, msa
+from tests.test_cli import SCRIPT, Server, mllp_send
+
+SECRET = "PID|1||90210||JOURNALSECRET^PATIENT\r"
+
+
+class Counting(AbstractHL7Receiver):
+    """ACKs every message (or what ``answers`` says for its control id) and counts what it handles."""
+
+    def __init__(self, answers: dict[str, list[str]] | None = None) -> None:
+        self.handled: list[str] = []
+        self.answers = answers or {}
+        self.gate: asyncio.Event | None = None
+
+    def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        control_id = container.message.segment("MSH")[10][0]
+        self.handled.append(control_id)
+        codes = self.answers.get(control_id)
+        code = codes.pop(0) if codes else "AA"
+        if self.gate is None:
+            return container.ack(code)
+        return self._later(container, code)
+
+    async def _later(self, container: MessageContainer, code: str) -> Any:
+        assert self.gate is not None
+        await self.gate.wait()
+        return container.ack(code)
+
+
+def text(control_id: str) -> str:
+    return message(control_id, body=SECRET)
+
+
+async def journaled(url: str) -> dict[str, Message]:
+    """What the journal holds, answered or not, by control id (read through a journal of its own)."""
+    journal = Journal(url)
+    try:
+        answered = [entry async for entry in journal.answered()]
+        return {entry.control_id: entry for entry in [*answered, *await journal.pending()]}
+    finally:
+        await journal.close()
+
+
+def no_content_logged(caplog: pytest.LogCaptureFixture) -> None:
+    for record in caplog.records:
+        assert "JOURNALSECRET" not in record.getMessage()
+        assert "90210" not in record.getMessage()
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_a_retransmission_gets_the_same_ack_and_the_handler_does_not_run(
+    face: str, journal_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = Counting()
+    async with listening(face, receiver, journal=journal_url, metrics=True) as port:
+        peer = await Peer.connect(port)
+        await peer.send(frame(text("J1").encode()))
+        first = await peer.reply()
+        await peer.send(frame(text("J1").encode()) + frame(text("J2").encode()))
+        again, other = await peer.replies(2)
+        await peer.close()
+        # Another connection, as a sender that reconnected.
+        peer = await Peer.connect(port)
+        await peer.send(frame(text("J1").encode()))
+        third = await peer.reply()
+        await peer.close()
+        metrics = ENGINES[port].metrics
+        assert metrics is not None
+        assert metrics.retransmissions["ADT^A01"] == 2
+    assert first == again == third
+    assert msa(first.decode())[1:] == ["AA", "J1"]
+    assert msa(other.decode())[1:] == ["AA", "J2"]
+    assert receiver.handled == ["J1", "J2"]
+    rows = await journaled(journal_url)
+    assert rows["J1"].ack == first and rows["J1"].code == "AA" and rows["J1"].attempts == 1
+    assert rows["J1"].raw == text("J1").encode()
+    assert (rows["J1"].sender, rows["J1"].facility, rows["J1"].message_type) == ("SENDAPP", "SENDFAC", "ADT^A01")
+    lines = [r.getMessage() for r in caplog.records if "answered from the journal" in r.getMessage()]
+    assert len(lines) == 2 and all("control id J1" in line for line in lines)
+    no_content_logged(caplog)
+
+
+@asyncio_test
+async def test_every_ack_is_in_the_journal_when_the_sender_reads_it(journal_url: str) -> None:
+    receiver = Counting()
+    async with listening("asyncio", receiver, journal=journal_url) as port:
+        peers = [await Peer.connect(port) for _ in range(4)]
+        for number, peer in enumerate(peers):
+            # Pipelined: each connection has five messages in flight.
+            await peer.send(b"".join(frame(text(f"C{number}-{n}").encode()) for n in range(5)))
+        for number, peer in enumerate(peers):
+            for n in range(5):
+                reply = await peer.reply()
+                # Read from the journal the moment the ACK is read: it was committed first.
+                rows = await journaled(journal_url)
+                assert rows[f"C{number}-{n}"].ack == reply
+            await peer.close()
+    assert len(receiver.handled) == 20
+
+
+@pytest.mark.parametrize("face", FACES)
+@asyncio_test
+async def test_a_copy_arriving_while_the_first_is_handled_waits_for_its_ack(face: str, journal_url: str) -> None:
+    receiver = Counting()
+    receiver.gate = asyncio.Event()
+    async with listening(face, receiver, journal=journal_url) as port:
+        first, second = await Peer.connect(port), await Peer.connect(port)
+        await first.send(frame(text("W1").encode()))
+        await asyncio.sleep(0.3)
+        await second.send(frame(text("W1").encode()))
+        await second.no_reply(0.5)  # it waits: the first copy has no answer yet
+        receiver.gate.set()
+        replies = [await first.reply(), await second.reply()]
+        await first.close()
+        await second.close()
+    assert replies[0] == replies[1]
+    assert receiver.handled == ["W1"]
+
+
+@asyncio_test
+async def test_errors_are_not_replayed_a_retransmission_is_handled_again(journal_url: str) -> None:
+    receiver = Counting({"E1": ["AE", "AA"]})
+    async with listening("asyncio", receiver, journal=journal_url) as port:
+        peer = await Peer.connect(port)
+        codes = []
+        for _ in range(3):
+            await peer.send(frame(text("E1").encode()))
+            codes.append(msa((await peer.reply()).decode())[1])
+        await peer.close()
+    # AE: the sender may send it again, and it is handled again; then AA is kept.
+    assert codes == ["AE", "AA", "AA"]
+    assert receiver.handled == ["E1", "E1"]
+    rows = await journaled(journal_url)
+    assert rows["E1"].code == "AA" and rows["E1"].attempts == 2
+
+
+@asyncio_test
+async def test_messages_that_cannot_be_keyed_are_answered_as_without_a_journal(journal_url: str) -> None:
+    receiver = Counting()
+    no_type = "MSH|^~\\&|SENDAPP|SENDFAC|RECVAPP|RECVFAC|20260101|||NT1|P|2.5\r"
+    no_id = "MSH|^~\\&|SENDAPP|SENDFAC|RECVAPP|RECVFAC|20260101||ADT^A01|||P|2.5\r"
+    async with listening("asyncio", receiver, journal=journal_url) as port:
+        peer = await Peer.connect(port)
+        await peer.send(frame(no_type.encode()) + frame(no_id.encode()) + frame(text("K1").encode()))
+        refused, accepted = await peer.replies(2)
+        await peer.no_reply(0.2)
+        await peer.close()
+    assert msa(refused.decode())[1:3] == ["AR", "NT1"]
+    assert msa(accepted.decode())[1:3] == ["AA", "K1"]
+    assert list(await journaled(journal_url)) == ["K1"]
+
+
+@asyncio_test
+async def test_a_journal_that_cannot_be_written_gets_ar_and_nothing_is_acked(
+    journal_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = Counting()
+    async with listening("asyncio", receiver, journal=journal_url) as port:
+        peer = await Peer.connect(port)
+        await peer.send(frame(text("F1").encode()))
+        assert msa((await peer.reply()).decode())[1] == "AA"
+        await drop_messages_table(journal_url)
+        for number in range(2, 4):
+            await peer.send(frame(text(f"F{number}").encode()))
+            reply = (await peer.reply()).decode()
+            assert msa(reply)[1:3] == ["AR", f"F{number}"]
+            assert ack.JOURNAL_UNAVAILABLE.text in reply
+        await peer.close()
+    assert receiver.handled == ["F1"]  # nothing is handled that cannot be journaled
+    failures = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "writing failed" in r.getMessage()]
+    assert len(failures) == 1, failures  # logged once, not per message
+    no_content_logged(caplog)
+
+
+async def drop_messages_table(url: str) -> None:
+    if url.startswith("sqlite"):
+        db = sqlite3.connect(url.removeprefix("sqlite:///"))
+        db.execute("DROP TABLE hl7bridge_journal_messages")
+        db.commit()
+        db.close()
+        return
+    import asyncpg
+
+    dsn, schema = url.split("?schema=")
+    connection = await asyncpg.connect(dsn)
+    await connection.execute(f'DROP TABLE "{schema}".hl7bridge_journal_messages')
+    await connection.close()
+
+
+@asyncio_test
+async def test_purge_removes_what_is_older_than_the_retention(journal_url: str) -> None:
+    async with listening("asyncio", Counting(), journal=journal_url) as port:
+        peer = await Peer.connect(port)
+        await peer.send(frame(text("P1").encode()))
+        await peer.reply()
+        await peer.close()
+    journal = Journal(journal_url, retention_days=1)
+    try:
+        assert await journal.pending() == []
+        assert await journal.purge() == 0  # received just now: kept
+        assert await journal.purge(timedelta(0)) == 1
+    finally:
+        await journal.close()
+    assert await journaled(journal_url) == {}
+
+
+@asyncio_test
+async def test_the_sqlite_journal_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        url = f"sqlite:///{tmp_path}/private.db"
+        async with listening("asyncio", Counting(), journal=url) as port:
+            peer = await Peer.connect(port)
+            await peer.send(frame(text("M1").encode()))
+            await peer.reply()
+            await peer.close()
+            files = sorted(tmp_path.glob("private.db*"))
+            assert [path.name for path in files] == ["private.db", "private.db-shm", "private.db-wal"]
+            for path in files:
+                assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    finally:
+        os.umask(old)
+
+
+@asyncio_test
+async def test_a_journal_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/new.db"
+    journal = Journal(url)
+    await journal.open()
+    await journal.close()
+    db = sqlite3.connect(tmp_path / "new.db")
+    db.execute("UPDATE hl7bridge_journal_schema SET version = 99")
+    db.commit()
+    db.close()
+    journal = Journal(url)
+    with pytest.raises(JournalError, match="schema version 99"):
+        await journal.open()
+    await journal.close()
+
+
+def test_settings_name_what_is_wrong_with_a_journal() -> None:
+    with pytest.raises(ValueError, match=r"^journal URL 'mysql://db/x'"):
+        Settings(journal="mysql://db/x")
+    with pytest.raises(ValueError, match="name a file"):
+        Settings(journal="sqlite://")
+    with pytest.raises(ValueError, match="name the database"):
+        Settings(journal="postgresql://postgres@127.0.0.1:5432")
+    with pytest.raises(ValueError, match=r"^journal_key it must hold MSH-10"):
+        Settings(journal="sqlite:///j.db", journal_key="MSH-3,MSH-4")
+    with pytest.raises(ValueError, match=r"^journal_key 'PID-3' is not an MSH field"):
+        Settings(journal_key="MSH-10,PID-3")
+    with pytest.raises(ValueError, match=r"^journal_retention"):
+        Settings(journal_retention=0)
+    assert parse_key("msh-10, MSH-3 ,MSH-3") == (10, 3)
+    assert redact("postgresql://hl7:s3cret@db:5432/j") == "postgresql://hl7:***@db:5432/j"
+
+
+@asyncio_test
+async def test_a_key_of_other_fields_tells_messages_apart_by_them(journal_url: str) -> None:
+    receiver = Counting()
+    other_sender = text("K9").replace("SENDAPP", "OTHERAPP")
+    async with listening("asyncio", receiver, journal=journal_url, journal_key="MSH-10") as port:
+        peer = await Peer.connect(port)
+        await peer.send(frame(text("K9").encode()) + frame(other_sender.encode()))
+        first, second = await peer.replies(2)
+        await peer.close()
+    # Keyed by MSH-10 alone, the second sender's K9 is taken for a retransmission.
+    assert first == second and receiver.handled == ["K9"]
+
+
+def test_serve_keeps_a_journal_next_to_where_it_runs(tmp_path: Path) -> None:
+    message_file = tmp_path / "message.hl7"
+    message_file.write_bytes(frame(message("CLI0001", body="PID|1||55501||TESTPERSON^SECRET\r").encode()))
+    server = Server("--journal", "sqlite:///interface.db", program=(SCRIPT,), cwd=tmp_path)
+    try:
+        first = mllp_send(server.port, message_file)
+        second = mllp_send(server.port, message_file)
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    assert "MSA|AA|CLI0001" in first.replace("\r", "\n") and first == second
+    assert (tmp_path / "interface.db").exists()
+    log = "".join(server.log)
+    assert "retransmission of control id CLI0001 answered from the journal" in log
+    assert "TESTPERSON" not in log and "Traceback" not in log
+
+
+def test_serve_stops_with_one_line_when_the_journal_cannot_be_opened(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [SCRIPT, "serve", "--endpoint", "tcp:0:interface=127.0.0.1", "--journal", "postgresql://nobody@127.0.0.1:1/x"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "cannot open the journal" in line]
+    assert len(lines) == 1 and "postgresql://nobody@127.0.0.1:1/x" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_journal_url_it_cannot_use(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [SCRIPT, "serve", "--journal", "oracle://db/x"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "--journal URL 'oracle://db/x'" in result.stderr
