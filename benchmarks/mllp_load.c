@@ -61,7 +61,13 @@ static const char BUILTIN_MESSAGE[] =
 typedef struct {
     char *data;   /* framed bytes */
     size_t len;
+    size_t id_at; /* with -u: where the ID_LEN bytes of MSH-10 start */
 } frame_t;
+
+/* With -u, MSH-10 of every message sent is made unique: "U", 6 digits of the
+ * generator's pid, 9 digits of a counter (a listener keeping a journal would
+ * otherwise take each message after the first for a retransmission). */
+#define ID_LEN 16
 
 enum { C_CONNECTING, C_SENDING, C_WAITING, C_DONE };
 
@@ -77,6 +83,7 @@ typedef struct {
     int have_code;
     uint64_t t_sent; /* when the first byte of the current message was written */
     int want_out;    /* EPOLLOUT is registered */
+    char *own;       /* with -u: this connection's copy of the frame being sent */
 } conn_t;
 
 static frame_t *frames;
@@ -88,6 +95,8 @@ static uint64_t *lat;  /* latencies in ns */
 static size_t nlat, latcap;
 static uint64_t code_aa, code_other, code_none;
 static uint64_t failures; /* connections that broke or were closed by the server */
+static int unique_ids;     /* -u */
+static uint64_t serial;    /* messages sent, for -u */
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -108,7 +117,8 @@ static void usage(const char *prog) {
             "  -d SECONDS  measurement window after warm-up (default 5)\n"
             "  -n COUNT    end the window after COUNT ACKs (default: no limit)\n"
             "  -w WARMUP   seconds of warm-up, not recorded (default 1)\n"
-            "  -m FILE     HL7 message to send (repeatable; framed here unless it starts with VT)\n",
+            "  -m FILE     HL7 message to send (repeatable; framed here unless it starts with VT)\n"
+            "  -u          a new MSH-10 (control id) for every message sent\n",
             prog);
     exit(2);
 }
@@ -134,6 +144,7 @@ static void add_frame(const char *msg, size_t n) {
         f.data[k++] = CR;
         f.len = k;
     }
+    f.id_at = 0;
     frames = realloc(frames, (nframes + 1) * sizeof *frames);
     if (!frames) die("realloc");
     frames[nframes++] = f;
@@ -180,11 +191,49 @@ static void close_conn(conn_t *c, int failed) {
     if (failed) failures++;
 }
 
+/* For -u: give MSH-10 of every frame ID_LEN bytes, and note where they are. */
+static void make_room_for_ids(void) {
+    for (size_t i = 0; i < nframes; i++) {
+        frame_t *f = &frames[i];
+        if (f->len < 5 || memcmp(f->data + 1, "MSH", 3) != 0) {
+            fprintf(stderr, "-u: message %zu does not start with MSH\n", i + 1);
+            exit(2);
+        }
+        char sep = f->data[4];
+        size_t start = 0, end, seen = 0;
+        for (size_t k = 4; k < f->len && f->data[k] != CR; k++) {
+            if (f->data[k] == sep && ++seen == 9) {
+                start = k + 1;
+                break;
+            }
+        }
+        if (!start) {
+            fprintf(stderr, "-u: message %zu has no MSH-10\n", i + 1);
+            exit(2);
+        }
+        for (end = start; end < f->len && f->data[end] != sep && f->data[end] != CR; end++) {
+        }
+        char *data = malloc(f->len - (end - start) + ID_LEN);
+        if (!data) die("malloc");
+        memcpy(data, f->data, start);
+        memset(data + start, '0', ID_LEN);
+        memcpy(data + start + ID_LEN, f->data + end, f->len - end);
+        free(f->data);
+        f->len = f->len - (end - start) + ID_LEN;
+        f->data = data;
+        f->id_at = start;
+    }
+}
+
+/* The bytes of the message a connection is sending. */
+static const char *frame_data(conn_t *c) { return c->own ? c->own : frames[c->next_frame].data; }
+
 /* Write as much of the current frame as the socket takes. */
 static void pump_write(conn_t *c) {
     frame_t *f = &frames[c->next_frame];
+    const char *data = frame_data(c);
     while (c->sent < f->len) {
-        ssize_t w = send(c->fd, f->data + c->sent, f->len - c->sent, MSG_NOSIGNAL);
+        ssize_t w = send(c->fd, data + c->sent, f->len - c->sent, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -201,6 +250,15 @@ static void pump_write(conn_t *c) {
 }
 
 static void start_message(conn_t *c, uint64_t t) {
+    if (unique_ids) {
+        frame_t *f = &frames[c->next_frame];
+        char id[ID_LEN + 1];
+        c->own = realloc(c->own, f->len);
+        if (!c->own) die("realloc");
+        memcpy(c->own, f->data, f->len);
+        snprintf(id, sizeof id, "U%06u%09u", (unsigned)getpid() % 1000000u, (unsigned)(serial++ % 1000000000u));
+        memcpy(c->own + f->id_at, id, ID_LEN);
+    }
     c->state = C_SENDING;
     c->sent = 0;
     c->saw_fs = 0;
@@ -250,7 +308,7 @@ int main(int argc, char **argv) {
     int port = 0, nconn = 1, opt;
     double seconds = 5.0, warmup = 1.0;
     long long count = 0;
-    while ((opt = getopt(argc, argv, "p:c:d:n:w:m:h")) != -1) {
+    while ((opt = getopt(argc, argv, "p:c:d:n:w:m:uh")) != -1) {
         switch (opt) {
         case 'p': port = atoi(optarg); break;
         case 'c': nconn = atoi(optarg); break;
@@ -258,12 +316,14 @@ int main(int argc, char **argv) {
         case 'n': count = atoll(optarg); break;
         case 'w': warmup = atof(optarg); break;
         case 'm': load_file(optarg); break;
+        case 'u': unique_ids = 1; break;
         default: usage(argv[0]);
         }
     }
     if (optind != argc || port <= 0 || port > 65535 || nconn < 1 || seconds <= 0 || warmup < 0 || count < 0)
         usage(argv[0]);
     if (nframes == 0) add_frame(BUILTIN_MESSAGE, sizeof BUILTIN_MESSAGE - 1);
+    if (unique_ids) make_room_for_ids();
     signal(SIGPIPE, SIG_IGN);
 
     epfd = epoll_create1(EPOLL_CLOEXEC);

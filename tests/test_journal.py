@@ -270,6 +270,8 @@ def test_settings_name_what_is_wrong_with_a_journal() -> None:
         Settings(journal="mysql://db/x")
     with pytest.raises(ValueError, match="name a file"):
         Settings(journal="sqlite://")
+    with pytest.raises(ValueError, match="the only option is synchronous"):
+        Settings(journal="sqlite:///j.db?synchronous=off")
     with pytest.raises(ValueError, match="name the database"):
         Settings(journal="postgresql://postgres@127.0.0.1:5432")
     with pytest.raises(ValueError, match=r"^journal_key it must hold MSH-10"):
@@ -331,3 +333,18 @@ def test_serve_refuses_a_journal_url_it_cannot_use(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--journal URL 'oracle://db/x'" in result.stderr
+
+
+@asyncio_test
+async def test_an_sqlite_journal_may_trade_power_cut_safety_for_speed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/fast.db?synchronous=normal"
+    receiver = Counting()
+    async with listening("asyncio", receiver, journal=url) as port:
+        peer = await Peer.connect(port)
+        await peer.send(frame(text("N1").encode()))
+        first = await peer.reply()
+        await peer.send(frame(text("N1").encode()))
+        assert await peer.reply() == first
+        await peer.close()
+    assert receiver.handled == ["N1"]
+    assert (await journaled(url))["N1"].ack == first

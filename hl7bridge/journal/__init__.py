@@ -399,15 +399,14 @@ class Journal:
             self._beginning += Counter()  # drops the keys counted down to 0
             if self._arrivals or self._answers:
                 self._schedule()
+        for index, arrival in enumerate(arrivals):
+            self._settle(arrival, outcomes[index] if outcomes is not None else None)
         for answered in answers:
             key = answered.arrival.key
             if self._busy.get(key) is answered.arrival:
                 del self._busy[key]
-            self._wake(key)
+            self._wake(key)  # copies that came meanwhile, in this write too
             answered.committed(outcomes is not None and answered.arrival.id not in lost)
-        for index, arrival in enumerate(arrivals):
-            outcome = outcomes[index] if outcomes is not None else None
-            self._settle(arrival, outcome)
 
     def _settle(self, arrival: Arrival, outcome: Outcome | None) -> None:
         begun = arrival.begun

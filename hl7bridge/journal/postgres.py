@@ -1,8 +1,12 @@
 """A journal several listeners share: PostgreSQL, through asyncpg's connection pool.
 
-Durability is PostgreSQL's: a transaction is durable when it commits with
-``synchronous_commit`` on (its default), on the standby too with
-``remote_apply`` or ``on`` and a synchronous standby. The journal's unique key
+Durability is PostgreSQL's. Answers are committed with the server's
+``synchronous_commit`` (``on`` by default: on disk, and on a synchronous
+standby too if one is configured) before the ACKs are sent. Arrivals are
+committed with ``synchronous_commit = off``: visible to every node at once
+(the unique key still decides), kept if a node is killed, and lost only if
+PostgreSQL itself crashes within a fraction of a second, when the messages
+concerned were not yet acknowledged. The journal's unique key
 decides between nodes: of two copies of a message arriving at two listeners,
 one inserts its row and is handled, the other waits for that row's answer.
 
@@ -14,6 +18,7 @@ settings such as ``synchronous_commit``).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter
 from datetime import datetime
@@ -117,7 +122,8 @@ class PostgresBackend:
     def __init__(self, dsn: str, schema: str | None) -> None:
         self.dsn = dsn
         self.schema = schema
-        self._pool: Any = None
+        self._pool: Any = None  # answers: durable before the ACK is sent
+        self._arrivals: Any = None  # arrivals: synchronous_commit off
 
     @classmethod
     def from_url(cls, url: str) -> PostgresBackend:
@@ -148,12 +154,14 @@ class PostgresBackend:
                 await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             finally:
                 await connection.close()
-        pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, server_settings=settings)
+        pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, server_settings=settings)
         try:
             async with pool.acquire() as connection, connection.transaction():
                 # One process at a time creates or migrates the schema.
                 await connection.execute("SELECT pg_advisory_xact_lock(hashtext('hl7bridge_journal_schema'))")
                 await _migrate(connection)
+            quick = {**(settings or {}), "synchronous_commit": "off"}
+            self._arrivals = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, server_settings=quick)
         except BaseException:
             await pool.close()
             raise
@@ -168,20 +176,21 @@ class PostgresBackend:
     async def write(
         self, node: int, busy: set[str], arrivals: list[Arrival], answers: list[Answered]
     ) -> tuple[list[Outcome], set[int | None]]:
-        lost: set[int | None] = set()
-        outcomes: list[Outcome] = []
-        async with self._pool.acquire() as connection, connection.transaction():
-            if answers:
-                ids = [answered.arrival.id for answered in answers]
-                written = await connection.fetch(
-                    _ANSWER, ids, [answered.ack for answered in answers], [answered.code for answered in answers], node
-                )
-                lost = set(ids) - {row["id"] for row in written}
-            if arrivals:
-                outcomes = await self._begin(connection, node, busy, arrivals)
+        # One statement (one round trip) each, on their own connections at once.
+        outcomes, lost = await asyncio.gather(self._begin(node, busy, arrivals), self._answer(node, answers))
         return outcomes, lost
 
-    async def _begin(self, connection: Any, node: int, busy: set[str], arrivals: list[Arrival]) -> list[Outcome]:
+    async def _answer(self, node: int, answers: list[Answered]) -> set[int | None]:
+        if not answers:
+            return set()
+        ids = [answered.arrival.id for answered in answers]
+        acks = [answered.ack for answered in answers]
+        written = await self._pool.fetch(_ANSWER, ids, acks, [answered.code for answered in answers], node)
+        return set(ids) - {row["id"] for row in written}
+
+    async def _begin(self, node: int, busy: set[str], arrivals: list[Arrival]) -> list[Outcome]:
+        if not arrivals:
+            return []
         columns: list[list[Any]] = [[] for _ in range(9)]
         for arrival in arrivals:
             values = (
@@ -197,26 +206,41 @@ class PostgresBackend:
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
-        inserted = {row["key"]: row["id"] for row in await connection.fetch(_INSERT, *columns, node)}
+        inserted = {row["key"]: row["id"] for row in await self._arrivals.fetch(_INSERT, *columns, node)}
         # Keys inserted by another transaction, and keys that came twice in this group.
         counts = Counter(arrival.key for arrival in arrivals)
         taken = [key for key, count in counts.items() if key not in inserted or count > 1]
+        if not taken:
+            busy.update(inserted)
+            return [Outcome(NEW, inserted[arrival.key]) for arrival in arrivals]
+        async with self._arrivals.acquire() as connection, connection.transaction():
+            return await self._decide(connection, node, busy, arrivals, inserted, taken)
+
+    async def _decide(
+        self,
+        connection: Any,
+        node: int,
+        busy: set[str],
+        arrivals: list[Arrival],
+        inserted: dict[str, int],
+        taken: list[str],
+    ) -> list[Outcome]:
+        """Outcomes for a group with keys already taken: the rows locked, claims made, in one transaction."""
         rows: dict[str, Existing] = {}
         owners: dict[int, Node] = {}
-        if taken:
-            for row in await connection.fetch(
-                "SELECT id, key, node, ack_code, ack, answered_at IS NOT NULL AS answered "
-                "FROM hl7bridge_journal_messages WHERE key = ANY($1::text[]) FOR UPDATE",
-                taken,
-            ):
-                rows[row["key"]] = Existing(row["id"], row["node"], row["ack_code"], row["ack"], row["answered"])
-            nodes = [row.node for row in rows.values() if row.node is not None and not row.answered]
-            for row in await connection.fetch(
-                "SELECT id, host, pid, extract(epoch FROM now() - seen_at)::float8 AS idle, stopped_at IS NOT NULL "
-                "AS stopped FROM hl7bridge_journal_nodes WHERE id = ANY($1::bigint[])",
-                nodes,
-            ):
-                owners[row["id"]] = Node(row["id"], row["host"], row["pid"], row["idle"], row["stopped"])
+        for row in await connection.fetch(
+            "SELECT id, key, node, ack_code, ack, answered_at IS NOT NULL AS answered "
+            "FROM hl7bridge_journal_messages WHERE key = ANY($1::text[]) FOR UPDATE",
+            taken,
+        ):
+            rows[row["key"]] = Existing(row["id"], row["node"], row["ack_code"], row["ack"], row["answered"])
+        nodes = [row.node for row in rows.values() if row.node is not None and not row.answered]
+        for row in await connection.fetch(
+            "SELECT id, host, pid, extract(epoch FROM now() - seen_at)::float8 AS idle, stopped_at IS NOT NULL "
+            "AS stopped FROM hl7bridge_journal_nodes WHERE id = ANY($1::bigint[])",
+            nodes,
+        ):
+            owners[row["id"]] = Node(row["id"], row["host"], row["pid"], row["idle"], row["stopped"])
         outcomes = []
         for arrival in arrivals:
             key = arrival.key
@@ -281,7 +305,8 @@ class PostgresBackend:
                 await self._pool.execute("UPDATE hl7bridge_journal_nodes SET stopped_at = now() WHERE id = $1", node)
         finally:
             await self._pool.close()
-            self._pool = None
+            await self._arrivals.close()
+            self._pool = self._arrivals = None
 
 
 async def _migrate(connection: Any) -> None:
