@@ -472,6 +472,7 @@ class Journal:
 
     async def purge(self, older_than: timedelta | None = None) -> int:
         """Delete messages received longer ago than ``older_than`` (the retention by default); how many."""
+        await self.backend.connect()  # a journal that was not opened, as ``journal purge`` has it
         return await self.backend.purge(datetime.now(timezone.utc) - (older_than or self.retention))
 
     # Reading, for the journal commands
