@@ -268,3 +268,10 @@ def test_since_takes_iso_8601_dates_and_times_in_utc_unless_they_say() -> None:
     assert parse_since("2024-01-31T08:30:00+01:00") == datetime(2024, 1, 31, 7, 30, tzinfo=utc)
     with pytest.raises(ValueError):
         parse_since("yesterday")
+
+
+def test_the_commands_give_their_version(folder: Path) -> None:
+    from hl7bridge import __version__
+
+    for args in (["journal"], ["journal", "pending"], ["journal", "purge"], ["replay"]):
+        assert command(folder, *args, "--version").stdout == f"hl7bridge {__version__}\n", args
