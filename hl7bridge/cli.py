@@ -9,12 +9,21 @@ python-hl7's ``mllp_send`` options too.
 options of ``twistd hl7bridge`` (see :mod:`hl7bridge.tap`) plus ``--uvloop``,
 ``--log-level`` and ``--log-format``, installs Twisted's asyncio reactor, listens, and on SIGINT or
 SIGTERM stops listening, answers the messages in flight and exits.
+
+``hl7bridge journal pending URL`` lists the messages of a journal that were
+received and never answered, ``hl7bridge journal purge URL`` deletes old ones,
+and ``hl7bridge replay --journal URL --receiver package.module.Class`` runs the
+answered ones through a receiver again and compares its ACKs with the recorded
+ones. None of them prints message content.
 """
 
 from __future__ import annotations
 
 import asyncio
+import getopt
+import json
 import logging
+import os
 import re
 import ssl
 import sys
@@ -23,6 +32,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
 from twisted.python import usage
@@ -30,7 +40,8 @@ from twisted.python.failure import Failure
 
 from hl7bridge import framing, tap
 from hl7bridge.errors import LocalError
-from hl7bridge.migration.shadow import ShadowReport
+from hl7bridge.journal import DEFAULT_RETENTION_DAYS, Journal, JournalError, Message, redact
+from hl7bridge.migration.shadow import AGREED, DIFFERED, FAILED, ShadowReport, compare_acks, text_table
 
 log = logging.getLogger("hl7bridge.cli")
 
@@ -114,19 +125,145 @@ class ShadowReportOptions(usage.Options):
         self["url"] = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") or "/metrics"))
 
 
-class CommandOptions(usage.Options):
-    synopsis = "hl7bridge"
+class OptionsAnywhere(usage.Options):
+    """Options that may follow the arguments too (``journal purge URL --older-than 30``), as GNU's getopt allows."""
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:  # noqa: N802
+        try:
+            found, arguments = getopt.gnu_getopt(
+                sys.argv[1:] if options is None else list(options), self.shortOpt, self.longOpt
+            )
+        except getopt.GetoptError as exc:
+            raise usage.UsageError(str(exc)) from None
+        ordered: list[str] = []
+        for name, value in found:
+            takes_value = f"{name[2:]}=" in self.longOpt if name.startswith("--") else f"{name[1]}:" in self.shortOpt
+            ordered += [name, value] if takes_value else [name]
+        super().parseOptions([*ordered, "--", *arguments])
+
+
+class PendingOptions(OptionsAnywhere):
+    """Options of ``hl7bridge journal pending``."""
+
+    synopsis = "[options] URL"
+    optFlags = [["json", None, "one JSON object per message and line"]]
+
+    opt_version = tap.print_version
+
+    def parseArgs(self, url: str) -> None:  # type: ignore[override]  # noqa: N802
+        self["url"] = url
+
+
+class PurgeOptions(OptionsAnywhere):
+    """Options of ``hl7bridge journal purge``."""
+
+    synopsis = "[options] URL"
+    optParameters = [
+        [
+            "older-than",
+            None,
+            DEFAULT_RETENTION_DAYS,
+            "delete the messages received more than this many days ago",
+            tap.number("older-than", float, "a number of days"),
+        ]
+    ]
+
+    opt_version = tap.print_version
+
+    def parseArgs(self, url: str) -> None:  # type: ignore[override]  # noqa: N802
+        self["url"] = url
+
+    def postOptions(self) -> None:  # noqa: N802
+        if self["older-than"] <= 0:
+            raise usage.UsageError("--older-than must be more than 0 days")
+
+
+class JournalOptions(usage.Options):
+    """``hl7bridge journal pending|purge URL``."""
+
+    synopsis = "[options]"
     subCommands = [
-        ["serve", None, ServeOptions, "listen for MLLP and serve a receiver"],
-        ["send", None, SendOptions, "send messages from files or stdin, check their ACKs"],
-        ["shadow-report", None, ShadowReportOptions, "print the shadow report of a running serve, from its /metrics"],
+        ["pending", None, PendingOptions, "list the messages received and never answered, oldest first"],
+        ["purge", None, PurgeOptions, "delete old messages"],
     ]
 
     opt_version = tap.print_version
 
     def postOptions(self) -> None:  # noqa: N802
         if self.subCommand is None:
-            raise usage.UsageError("a command is needed: serve, send or shadow-report")
+            raise usage.UsageError("a journal command is needed: pending or purge")
+
+
+def parse_since(text: str) -> datetime:
+    """An ISO 8601 date or time, in UTC: a date alone is its midnight, a time without an offset is UTC.
+
+    Raises:
+        ValueError: ``text`` is neither.
+    """
+    # Before Python 3.11, fromisoformat() does not take the Z that ISO 8601 allows for UTC.
+    stripped = text.strip()
+    when = datetime.fromisoformat(stripped[:-1] + "+00:00" if stripped[-1:] in ("Z", "z") else stripped)
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
+class ReplayOptions(usage.Options):
+    """Options of ``hl7bridge replay``."""
+
+    synopsis = "[options] --journal URL"
+    optParameters = [
+        ["journal", None, None, "URL of the journal to replay (as serve --journal takes it)"],
+        ["receiver", "r", tap.DEFAULT_RECEIVER, "dotted path of the receiver or handler to replay the messages to"],
+        [
+            "app-dir",
+            None,
+            os.curdir,
+            "folder put first on the import path, where --receiver's module is looked for (the current folder)",
+        ],
+        ["type", None, None, "only messages of this type: ADT for every ADT, ADT^A01 for MSH-9 ADT^A01"],
+        ["since", None, None, "only messages received since this ISO 8601 date or time (UTC unless it says)"],
+        [
+            "timeout",
+            "t",
+            10.0,
+            "seconds to wait for each answer; a message whose recorded answer was none is waited for this long",
+            tap.number("timeout", float, "a number of seconds"),
+        ],
+    ]
+
+    opt_version = tap.print_version
+
+    def postOptions(self) -> None:  # noqa: N802
+        if not self["journal"]:
+            raise usage.UsageError("--journal URL is needed: the journal to replay")
+        if not os.path.isdir(self["app-dir"]):
+            raise usage.UsageError(f"--app-dir: no folder {self['app-dir']!r}")
+        if self["timeout"] <= 0:
+            raise usage.UsageError("--timeout must be more than 0 seconds")
+        if self["since"] is not None:
+            try:
+                self["since"] = parse_since(self["since"])
+            except ValueError:
+                raise usage.UsageError(
+                    f"--since: {self['since']!r} is not an ISO 8601 date or time, such as 2024-01-31 "
+                    "or 2024-01-31T08:00:00+01:00"
+                ) from None
+
+
+class CommandOptions(usage.Options):
+    synopsis = "hl7bridge"
+    subCommands = [
+        ["serve", None, ServeOptions, "listen for MLLP and serve a receiver"],
+        ["send", None, SendOptions, "send messages from files or stdin, check their ACKs"],
+        ["shadow-report", None, ShadowReportOptions, "print the shadow report of a running serve, from its /metrics"],
+        ["journal", None, JournalOptions, "list the messages a journal holds unanswered, or purge old ones"],
+        ["replay", None, ReplayOptions, "replay a journal's answered messages to a receiver and compare the ACKs"],
+    ]
+
+    opt_version = tap.print_version
+
+    def postOptions(self) -> None:  # noqa: N802
+        if self.subCommand is None:
+            raise usage.UsageError("a command is needed: serve, send, shadow-report, journal or replay")
 
 
 def _where(port: Any) -> str:
@@ -390,12 +527,203 @@ def shadow_report(options: ShadowReportOptions) -> int:
     return 0
 
 
+def existing_journal(url: str) -> Journal:
+    """The journal at ``url``, to read: a SQLite file must exist (it is not made empty for a typo).
+
+    Raises:
+        JournalError: the URL names no journal hl7bridge can keep, or no such file.
+    """
+    journal = Journal(url)
+    from hl7bridge.journal.sqlite import SQLiteBackend
+
+    if isinstance(journal.backend, SQLiteBackend) and not os.path.isfile(journal.backend.path):
+        raise JournalError(f"no journal file {os.path.abspath(journal.backend.path)}")
+    return journal
+
+
+def _cannot_use(url: str, exc: Exception) -> int:
+    """Log why the journal at ``url`` cannot be read (one line); the exit status, 2."""
+    # Connection and schema errors name no message content: shown as they are.
+    problem = str(exc) if isinstance(exc, JournalError) else f"{type(exc).__name__}: {exc}"
+    log.error("cannot use the journal %s: %s", redact(url), problem)
+    return 2
+
+
+#: The headings of ``journal pending``'s columns, for the fields of :func:`pending_fields`.
+PENDING_HEADINGS = (
+    "received (UTC)",
+    "listener",
+    "peer",
+    "type",
+    "control id",
+    "application",
+    "facility",
+    "attempts",
+    "node",
+)
+
+
+def pending_fields(message: Message) -> dict[str, Any]:
+    """What ``journal pending`` shows of a message: where and when it came, its MSH identity, no content."""
+    return {
+        "received": message.received.astimezone(timezone.utc).isoformat(timespec="milliseconds"),
+        "listener": message.listener,
+        "peer": message.peer,
+        "message_type": message.message_type,
+        "control_id": message.control_id,
+        "sending_application": message.sender,
+        "sending_facility": message.facility,
+        "attempts": message.attempts,
+        "node": message.node,
+    }
+
+
+async def pending(options: PendingOptions) -> int:
+    """``hl7bridge journal pending URL``: a line per message received and never answered, then their count.
+
+    With ``--json``, a JSON object per line and the count on standard error.
+    """
+    try:
+        journal = existing_journal(options["url"])
+        try:
+            messages = await journal.pending()
+        finally:
+            await journal.close()
+    except Exception as exc:
+        return _cannot_use(options["url"], exc)
+    count = f"{len(messages)} message{'' if len(messages) == 1 else 's'} received and never answered"
+    found = [pending_fields(message) for message in messages]
+    if options["json"]:
+        for fields in found:
+            print(json.dumps(fields, ensure_ascii=False))
+        print(count, file=sys.stderr)
+        return 0
+    if found:
+        rows = [tuple("" if value is None else str(value) for value in fields.values()) for fields in found]
+        print(text_table([PENDING_HEADINGS, *rows]))
+    print(count)
+    return 0
+
+
+async def purge(options: PurgeOptions) -> int:
+    """``hl7bridge journal purge URL``: delete the messages older than ``--older-than`` days; print how many."""
+    days = options["older-than"]
+    try:
+        journal = existing_journal(options["url"])
+        try:
+            purged = await journal.purge(timedelta(days=days))
+        finally:
+            await journal.close()
+    except Exception as exc:
+        return _cannot_use(options["url"], exc)
+    print(f"{purged} message{'' if purged == 1 else 's'} received more than {days:g} days ago purged")
+    return 0
+
+
+def replay(options: ReplayOptions) -> int:
+    """``hl7bridge replay``: the journal's answered messages, oldest first, through a receiver again.
+
+    The receiver is served by an in-process listener on 127.0.0.1 (one that
+    keeps no journal), on Twisted's asyncio reactor, and each message is sent
+    to it as it was received: it takes the path a live message takes. Each
+    ACK is compared with the recorded one (MSH-7 and MSH-10 aside). Exits 0
+    when all agree, 1 when any differs or fails, 2 when the journal or the
+    receiver cannot be used.
+    """
+    try:
+        journal = existing_journal(options["journal"])
+    except JournalError as exc:
+        return _cannot_use(options["journal"], exc)
+    from hl7bridge.reactor import event_loop, install
+
+    reactor = install()
+    from hl7bridge.defer import to_deferred
+    from hl7bridge.handlers import as_receiver
+
+    # After the reactor is installed: receiver modules written for txHL7 often import it.
+    tap.use_app_dir(options["app-dir"])
+    try:
+        receiver = as_receiver(tap.load_receiver(options["receiver"]))
+    except LocalError as exc:
+        log.error("cannot use receiver %s: %s", options["receiver"], exc)
+        return 2
+    outcome: list[int] = []
+
+    def finished(result: object) -> None:
+        if isinstance(result, Failure):
+            log.error("replay failed: %s", tap.describe_failure(result.value))
+            result = 2
+        outcome.append(cast(int, result))
+        reactor.stop()
+
+    def start() -> None:
+        to_deferred(replay_journal(journal, receiver, options), event_loop()).addBoth(finished)
+
+    # Run by the reactor, so that its thread pool (deferToThread) serves the receiver.
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return outcome[0] if outcome else 1
+
+
+async def replay_journal(journal: Journal, receiver: Any, options: ReplayOptions) -> int:
+    """Send each answered message of ``journal`` to ``receiver`` over a listener of its own; the exit status."""
+    import hl7bridge
+    from hl7bridge.client import Sender
+    from hl7bridge.server import shutdown
+
+    server = await hl7bridge.serve(receiver, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    report = ShadowReport()
+    # latin-1 reads every byte as one character: an ACK is compared byte for byte with the one recorded.
+    sender = Sender("127.0.0.1", port, encoding="latin-1", ack_timeout=options["timeout"])
+    try:
+        async for message in journal.answered(options["type"], options["since"]):
+            outcome, differences = await replay_message(sender, message)
+            report.record(message.message_type, outcome)
+            if outcome != AGREED:
+                print(f"control id {message.control_id} ({message.message_type}) {outcome}: {differences}", flush=True)
+    except Exception as exc:
+        return _cannot_use(journal.url, exc)
+    finally:
+        await sender.close()
+        await shutdown(server)
+        await journal.close()
+    if not report.counts:
+        print("no answered message in the journal matches")
+        return 0
+    print(report.format())
+    return 0 if all(counts[DIFFERED] + counts[FAILED] == 0 for counts in report.counts.values()) else 1
+
+
+async def replay_message(sender: Any, message: Message) -> tuple[str, str]:
+    """Send one journaled message as it was received; the outcome, and what differs or why it failed."""
+    from hl7bridge.errors import AckMismatch, AckTimeout, ConnectTimeout, NegativeAck
+
+    recorded = None if message.ack is None else message.ack.decode("latin-1")
+    answer: str | None
+    try:
+        answer = await sender.send(message.raw)
+    except (NegativeAck, AckMismatch) as exc:
+        answer = exc.ack  # an answer all the same, to compare
+    except AckTimeout:
+        if recorded is not None:
+            return FAILED, f"no answer within {sender.ack_timeout:g}s"
+        answer = None  # no answer, as recorded
+    except (OSError, asyncio.IncompleteReadError, ConnectTimeout) as exc:
+        return FAILED, type(exc).__name__
+    differences = compare_acks(recorded, answer)
+    return (DIFFERED, ", ".join(differences)) if differences else (AGREED, "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = CommandOptions()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else list(argv))
     except usage.UsageError as exc:
-        print(f"{getattr(options, 'subOptions', None) or options}\nhl7bridge: {exc}", file=sys.stderr)
+        command: usage.Options = options
+        while getattr(command, "subOptions", None) is not None:  # the (sub)command whose options were wrong
+            command = command.subOptions
+        print(f"{command}\nhl7bridge: {exc}", file=sys.stderr)
         return 2
     handler = logging.StreamHandler()
     if options.subCommand == "serve" and options.subOptions["log-format"] == "json":
@@ -408,6 +736,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return send(options.subOptions)
     if options.subCommand == "shadow-report":
         return shadow_report(options.subOptions)
+    if options.subCommand == "journal":
+        journal_command = options.subOptions
+        if journal_command.subCommand == "pending":
+            return asyncio.run(pending(journal_command.subOptions))
+        return asyncio.run(purge(journal_command.subOptions))
+    if options.subCommand == "replay":
+        return replay(options.subOptions)
     return serve(options.subOptions)
 
 

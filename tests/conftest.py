@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-
-#: The PostgreSQL the journal tests use; each test gets a schema of its own.
-POSTGRES = os.environ.get("HL7BRIDGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture(autouse=True)
@@ -24,58 +17,26 @@ def _hl7bridge_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="hl7bridge")
 
 
-def postgres_missing() -> str | None:
-    """Why the journal's PostgreSQL tests cannot run here, or None if they can."""
-    parts = urlsplit(POSTGRES)
-    try:
-        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), timeout=2).close()
-    except OSError as exc:
-        return f"nothing answers at {parts.hostname}:{parts.port or 5432} (HL7BRIDGE_TEST_POSTGRES): {exc}"
-    return None
-
-
-def in_thread(coroutine: Any) -> Any:
-    """Run a coroutine on a loop of its own in a thread: for fixtures, outside the reactor's loop."""
-    result: list[Any] = []
-
-    def run() -> None:
-        try:
-            result.append(asyncio.run(coroutine))
-        except BaseException as exc:  # handed to the caller
-            result.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
-
-
-def postgres_schema() -> Iterator[str]:
-    """A journal URL on the test PostgreSQL in a fresh schema, dropped afterwards."""
-    missing = postgres_missing()
-    if missing:
-        pytest.skip(missing)
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    yield f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}schema={schema}"
-
-    async def drop() -> None:
-        import asyncpg
-
-        connection = await asyncpg.connect(POSTGRES)
-        try:
-            await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await connection.close()
-
-    in_thread(drop())
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def journal_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A journal URL of each backend: an SQLite file in tmp_path, a PostgreSQL schema of its own."""
+    """A journal URL per backend: a SQLite file in ``tmp_path``, or a PostgreSQL schema of the test's own.
+
+    The PostgreSQL one is on HL7BRIDGE_TEST_POSTGRES's database, in a schema
+    with a name of its own, dropped afterwards; the test is skipped only when
+    nothing answers at that address.
+    """
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/journal.db"
-    else:
-        yield from postgres_schema()
+        yield f"sqlite:///{tmp_path / 'journal.db'}"
+        return
+    # Here, not at the top: tests.support imports twisted.internet.reactor, which pytest-twisted installs first.
+    from tests.support import POSTGRES, on_postgres
+
+    address = urlsplit(POSTGRES)
+    host, port = address.hostname or "127.0.0.1", address.port or 5432
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        pytest.skip(f"no PostgreSQL answers at {host}:{port} ({exc}); set HL7BRIDGE_TEST_POSTGRES to one that does")
+    schema = f"hl7bridge_test_{uuid.uuid4().hex[:16]}"
+    yield f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}schema={schema}"
+    on_postgres(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

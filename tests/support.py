@@ -12,6 +12,7 @@ import re
 import socket
 import struct
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ HOST = "127.0.0.1"
 # Tests open hundreds of connections at once; the default backlogs (50 for
 # Twisted, 100 for asyncio) would refuse some of them.
 BACKLOG = 1024
+
+#: The database the journal tests use (each in a schema of its own): see the ``journal_url`` fixture.
+POSTGRES = os.environ.get("HL7BRIDGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 CORPUS = Path(os.environ.get("HL7BRIDGE_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
 
@@ -292,3 +296,22 @@ def _asyncio_tls() -> bool:
 needs_asyncio_tls = pytest.mark.skipif(
     not _asyncio_tls(), reason="before Python 3.11, Twisted's TLS serves ssl: and mtls: endpoints"
 )
+
+
+def on_postgres(statement: str, *args: Any, dsn: str = POSTGRES) -> None:
+    """Run one SQL statement on PostgreSQL, from any test, sync or not.
+
+    It runs on an event loop of its own in a thread of its own: the suite's
+    loop is the reactor's, and may be running or not.
+    """
+    import asyncpg
+
+    async def run() -> None:
+        connection = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await connection.execute(statement, *args)
+        finally:
+            await connection.close()
+
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, run()).result()

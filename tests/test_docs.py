@@ -655,6 +655,42 @@ def hl7bridge_send(project: Project, line: str) -> None:
         assert f"MSA|AA|{text.split('|')[9]}" in result.stdout, result.stdout
 
 
+def fill_journal(project: Project, url: str) -> None:
+    """The journal at ``url`` as the interface's service keeping it leaves it: ADMISSIONS answered by its receiver."""
+    port = free_port()
+    receiver = "myinterface.receivers.AdmissionsReceiver"
+    process = subprocess.Popen(
+        [str(BIN / "hl7bridge"), "serve", "-e", f"tcp:{port}:interface=127.0.0.1", "-r", receiver, "--journal", url],
+        cwd=project.folder,
+        env=project.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = Lines(process.stdout)
+    try:
+        output.wait_for(r"serving \S+ on 127\.0\.0\.1:")
+        project.shell(f"hl7bridge send -p {port} 127.0.0.1 admissions/*.hl7")
+    finally:
+        stop(process)
+        log = output.rest()
+    assert "Traceback" not in log, log
+
+
+def journal_command(project: Project, line: str) -> None:
+    """``line`` run by sh once the SQLite journal it names holds ADMISSIONS and their ACKs."""
+    url = re.search(r"sqlite:///[\w./-]+", line)
+    assert url, f"{line!r}: the pages show SQLite journals, which this check fills"
+    fill_journal(project, url.group())
+    printed = project.shell(line).stdout  # replay exits with status 0 only when every ACK agreed
+    if line.startswith("hl7bridge replay"):
+        assert re.search(rf"^ADT\^A01\s+{len(ADMISSIONS)}\s+0\s+0\s*$", printed, re.MULTILINE), printed
+    elif line.startswith("hl7bridge journal pending"):
+        assert printed.endswith("0 messages received and never answered\n"), printed
+    else:
+        assert re.fullmatch(r"\d+ messages? received more than [\d.]+ days ago purged\n", printed), printed
+
+
 def side_by_side_once(project: Project, line: str) -> None:
     printed = project.shell(line).stdout
     assert len(re.findall(r"^[\w.]+: AA for ", printed, re.MULTILINE)) == 3, printed
@@ -697,6 +733,12 @@ COMMANDS = (
         r"hl7bridge send -p 2575 127\.0\.0\.1 admissions/\*\.hl7",
         "run by sh against what `make run` serves, with ADMISSIONS as admissions/*.hl7; each must get AA",
         hl7bridge_send,
+    ),
+    Rule(
+        r"hl7bridge (journal (pending|purge)|replay) .*",
+        "run by sh once the SQLite journal it names holds ADMISSIONS, answered by the interface's receiver; "
+        "replay must find every ACK agreeing",
+        journal_command,
     ),
     Rule(r"python examples/side_by_side\.py --once", "run by sh; each listener must answer AA", side_by_side_once),
     Rule(r"python [\w./-]+\.py", "a service, on the ports the script names", service),

@@ -95,5 +95,10 @@ class ShadowReport:
         """The report as a text table."""
         rows: list[tuple[str, ...]] = [("message type", *OUTCOMES)]
         rows += [(kind, *(str(n) for n in counts.values())) for kind, counts in self.as_dict().items()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
+        return text_table(rows)
+
+
+def text_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells as lines of left-aligned columns, two spaces apart (the first row is the heading)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
