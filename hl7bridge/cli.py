@@ -38,7 +38,7 @@ from typing import Any, cast
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from hl7bridge import framing, tap
+from hl7bridge import failures, framing, tap
 from hl7bridge.errors import LocalError
 from hl7bridge.journal import DEFAULT_RETENTION_DAYS, Journal, JournalError, Message, redact
 from hl7bridge.migration.shadow import AGREED, DIFFERED, FAILED, ShadowReport, compare_acks, text_table
@@ -651,7 +651,8 @@ def replay(options: ReplayOptions) -> int:
 
     def finished(result: object) -> None:
         if isinstance(result, Failure):
-            log.error("replay failed: %s", tap.describe_failure(result.value))
+            # Where it failed, not what the exception says: it may quote a message.
+            log.error("replay failed: %s", failures.summary(result))
             result = 2
         outcome.append(cast(int, result))
         reactor.stop()
