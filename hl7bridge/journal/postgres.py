@@ -79,6 +79,9 @@ _COLUMNS = (
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
+# Rows are inserted, and taken rows locked, in key order: two nodes given the
+# same keys in different orders (a sender retransmitting through the balancer)
+# then wait for each other instead of deadlocking, which would fail both groups.
 _INSERT = """
 INSERT INTO hl7bridge_journal_messages (key, received_at, listener, peer, sending_application,
     sending_facility, message_type, control_id, raw, node)
@@ -86,6 +89,7 @@ SELECT key, received_at, listener, peer, sending_application, sending_facility, 
 FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::text[], $9::bytea[])
     AS m(key, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw)
+ORDER BY key
 ON CONFLICT (key) DO NOTHING
 RETURNING id, key
 """
@@ -171,14 +175,20 @@ class PostgresBackend:
         lost: set[int | None] = set()
         outcomes: list[Outcome] = []
         async with self._pool.acquire() as connection, connection.transaction():
+            # Arrivals first: the rows they insert or lock are taken in key
+            # order, and the answers, which lock this node's rows (that other
+            # nodes' arrivals lock too), last; once they are written the
+            # transaction waits for nothing before its commit. Answers first
+            # made two nodes answering while each had copies of the other's
+            # messages deadlock, which failed both groups.
+            if arrivals:
+                outcomes = await self._begin(connection, node, busy, arrivals)
             if answers:
                 ids = [answered.arrival.id for answered in answers]
                 written = await connection.fetch(
                     _ANSWER, ids, [answered.ack for answered in answers], [answered.code for answered in answers], node
                 )
                 lost = set(ids) - {row["id"] for row in written}
-            if arrivals:
-                outcomes = await self._begin(connection, node, busy, arrivals)
         return outcomes, lost
 
     async def _begin(self, connection: Any, node: int, busy: set[str], arrivals: list[Arrival]) -> list[Outcome]:
@@ -206,7 +216,7 @@ class PostgresBackend:
         if taken:
             for row in await connection.fetch(
                 "SELECT id, key, node, ack_code, ack, answered_at IS NOT NULL AS answered "
-                "FROM hl7bridge_journal_messages WHERE key = ANY($1::text[]) FOR UPDATE",
+                "FROM hl7bridge_journal_messages WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE",
                 taken,
             ):
                 rows[row["key"]] = Existing(row["id"], row["node"], row["ack_code"], row["ack"], row["answered"])
