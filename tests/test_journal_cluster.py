@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import re
 import shutil
 import socket
 import subprocess
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,29 +57,20 @@ MESSAGES = 150  # per sender
 WINDOW = 8
 HANDLER_DELAY = 0.02
 
-HAPROXY_CONFIG = """\
-global
-    maxconn 1000
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "operations.rst"
 
-defaults
-    mode tcp
-    timeout connect 1s
-    timeout client 60s
-    timeout server 60s
-    # A node that refuses the connection: try again, on another node.
-    retries 3
-    option redispatch
 
-frontend mllp
-    bind {host}:{port}
-    default_backend nodes
-
-backend nodes
-    balance roundrobin
-    # A TCP check every 200 ms; one failed check takes a node out.
-    default-server inter 200ms fall 1 rise 2
-{servers}
-"""
+def haproxy_config(port: int, nodes: list[int]) -> str:
+    """The ``haproxy.cfg`` of docs/operations.rst, on loopback: its frontend on ``port``, its servers ``nodes``."""
+    text = DOCS.read_text(encoding="utf-8")
+    found = re.search(r"\.\. code-block:: text\n\n((?:    .*\n|\n)*?    frontend mllp\n(?:    .*\n|\n)*)", text)
+    assert found, "no haproxy.cfg in docs/operations.rst"
+    lines = textwrap.dedent(found.group(1)).rstrip().split("\n")
+    assert sum(line.strip().startswith("bind ") for line in lines) == 1
+    config = [f"    bind {HOST}:{port}" if line.strip().startswith("bind ") else line for line in lines]
+    config = [line for line in config if not line.strip().startswith("server ")]
+    config += [f"    server node{index} {HOST}:{node} check" for index, node in enumerate(nodes)]
+    return "\n".join(config) + "\n"
 
 
 def haproxy_binary() -> str:
@@ -90,13 +83,12 @@ def haproxy_binary() -> str:
 
 
 class HAProxy:
-    """HAProxy in the foreground (``-db``), on a loopback port, with a config of its own."""
+    """HAProxy in the foreground (``-db``) with the config of docs/operations.rst, on loopback ports."""
 
     def __init__(self, folder: Path, ports: list[int]) -> None:
         self.port = free_port()
-        servers = "\n".join(f"    server node{index} {HOST}:{port} check" for index, port in enumerate(ports))
         config = folder / "haproxy.cfg"
-        config.write_text(HAPROXY_CONFIG.format(host=HOST, port=self.port, servers=servers))
+        config.write_text(haproxy_config(self.port, ports))
         self.process = subprocess.Popen(
             [haproxy_binary(), "-db", "-f", str(config)],
             stdin=subprocess.DEVNULL,
