@@ -192,6 +192,7 @@ async def test_a_node_killed_behind_haproxy_loses_nothing(postgres_journal: str,
         assert len(twice) <= SENDERS * WINDOW
         for control_id in everything:
             row = contents.answered[control_id]
+            assert row.node is not None
             assert row.ack == acked[control_id]
             assert row.code == "AA"
             # The journaled ACK is the one the node that holds the row built, in its last handling.
