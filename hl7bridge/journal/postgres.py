@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from hl7bridge.journal import (
@@ -42,6 +43,8 @@ from hl7bridge.journal import (
     decide,
     redact,
 )
+
+T = TypeVar("T")
 
 # Version 1. A later version adds its statements to MIGRATIONS under its number.
 SCHEMA = """
@@ -84,6 +87,9 @@ _COLUMNS = (
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
+# Rows are inserted, and taken rows locked, in key order: two nodes given the
+# same keys in different orders (a sender retransmitting through the balancer)
+# then wait for each other instead of deadlocking, which would fail both groups.
 _INSERT = """
 INSERT INTO hl7bridge_journal_messages (key, received_at, listener, peer, sending_application,
     sending_facility, message_type, control_id, raw, node)
@@ -91,6 +97,7 @@ SELECT key, received_at, listener, peer, sending_application, sending_facility, 
 FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::text[], $9::bytea[])
     AS m(key, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw)
+ORDER BY key
 ON CONFLICT (key) DO NOTHING
 RETURNING id, key
 """
@@ -185,7 +192,8 @@ class PostgresBackend:
             return set()
         ids = [answered.arrival.id for answered in answers]
         acks = [answered.ack for answered in answers]
-        written = await self._pool.fetch(_ANSWER, ids, acks, [answered.code for answered in answers], node)
+        codes = [answered.code for answered in answers]
+        written = await _retried(lambda: self._pool.fetch(_ANSWER, ids, acks, codes, node))
         return set(ids) - {row["id"] for row in written}
 
     async def _begin(self, node: int, busy: set[str], arrivals: list[Arrival]) -> list[Outcome]:
@@ -206,15 +214,22 @@ class PostgresBackend:
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
-        inserted = {row["key"]: row["id"] for row in await self._arrivals.fetch(_INSERT, *columns, node)}
+        rows = await _retried(lambda: self._arrivals.fetch(_INSERT, *columns, node))
+        inserted = {row["key"]: row["id"] for row in rows}
         # Keys inserted by another transaction, and keys that came twice in this group.
         counts = Counter(arrival.key for arrival in arrivals)
         taken = [key for key, count in counts.items() if key not in inserted or count > 1]
         if not taken:
             busy.update(inserted)
             return [Outcome(NEW, inserted[arrival.key]) for arrival in arrivals]
-        async with self._arrivals.acquire() as connection, connection.transaction():
-            return await self._decide(connection, node, busy, arrivals, inserted, taken)
+
+        async def decide_all() -> list[Outcome]:
+            async with self._arrivals.acquire() as connection, connection.transaction():
+                return await self._decide(connection, node, set(busy), arrivals, dict(inserted), taken)
+
+        outcomes = await _retried(decide_all)
+        busy.update(arrival.key for arrival, outcome in zip(arrivals, outcomes, strict=True) if outcome.action == NEW)
+        return outcomes
 
     async def _decide(
         self,
@@ -230,7 +245,7 @@ class PostgresBackend:
         owners: dict[int, Node] = {}
         for row in await connection.fetch(
             "SELECT id, key, node, ack_code, ack, answered_at IS NOT NULL AS answered "
-            "FROM hl7bridge_journal_messages WHERE key = ANY($1::text[]) FOR UPDATE",
+            "FROM hl7bridge_journal_messages WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE",
             taken,
         ):
             rows[row["key"]] = Existing(row["id"], row["node"], row["ack_code"], row["ack"], row["answered"])
@@ -307,6 +322,26 @@ class PostgresBackend:
             await self._pool.close()
             await self._arrivals.close()
             self._pool = self._arrivals = None
+
+
+#: Tries of a statement (or transaction) that PostgreSQL aborted to break a deadlock.
+DEADLOCK_TRIES = 3
+
+
+async def _retried(write: Callable[[], Awaitable[T]]) -> T:
+    """``write()``, again if PostgreSQL chose it to break a deadlock (it then wrote nothing).
+
+    Rows are taken in key order, but an answer's UPDATE and another node's
+    arrivals may still lock two rows in opposite orders.
+    """
+    import asyncpg
+
+    for _ in range(DEADLOCK_TRIES - 1):
+        try:
+            return await write()
+        except asyncpg.DeadlockDetectedError:
+            continue
+    return await write()
 
 
 async def _migrate(connection: Any) -> None:
