@@ -18,16 +18,20 @@ def _hl7bridge_logs(caplog: pytest.LogCaptureFixture) -> None:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def journal_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A journal URL per backend: a SQLite file in ``tmp_path``, or a PostgreSQL schema of the test's own.
-
-    The PostgreSQL one is on HL7BRIDGE_TEST_POSTGRES's database, in a schema
-    with a name of its own, dropped afterwards; the test is skipped only when
-    nothing answers at that address.
-    """
+def journal_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A journal URL per backend: a SQLite file in ``tmp_path``, or :func:`postgres_url`."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'journal.db'}"
-        return
+        return f"sqlite:///{tmp_path / 'journal.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A journal URL on HL7BRIDGE_TEST_POSTGRES's database, in a schema of the test's own.
+
+    The schema has a name of its own and is dropped afterwards; the test is
+    skipped only when nothing answers at that address.
+    """
     # Here, not at the top: tests.support imports twisted.internet.reactor, which pytest-twisted installs first.
     from tests.support import POSTGRES, on_postgres
 

@@ -11,18 +11,14 @@ got, and what the journal holds.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
-
-import pytest
 
 from hl7bridge.journal import Journal, Message
 from tests.cases import CR, FS, VT
@@ -31,7 +27,6 @@ from tests.test_docs import Lines
 HOST = "127.0.0.1"
 # The console script, run as a user runs it.
 SCRIPT = str(Path(sys.executable).with_name("hl7bridge"))
-POSTGRES = os.environ.get("HL7BRIDGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 # Made-up patient data: no log line may carry it.
 PATIENT = "TESTPATIENT^JOURNAL"
@@ -181,11 +176,16 @@ async def read_journal(url: str) -> Contents:
     journal = Journal(url)
     try:
         answered = {message.control_id: message async for message in journal.answered()}
-        # MARKED SPOT (branch wt-cli): `hl7bridge journal pending URL` lists these
-        # once it exists; then also run it here and compare its ids to this set.
         pending = {message.control_id: message for message in await journal.pending()}
     finally:
         await journal.close()
+    # What an operator sees after a crash lists the same messages.
+    command = await asyncio.create_subprocess_exec(
+        SCRIPT, "journal", "pending", "--json", url, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    listed, errors = await asyncio.wait_for(command.communicate(), 60)
+    assert command.returncode == 0, errors
+    assert sorted(json.loads(line)["control_id"] for line in listed.splitlines()) == sorted(pending)
     return Contents(answered, pending)
 
 
@@ -224,36 +224,3 @@ async def exchange(port: int, control_ids: list[str], timeout: float = 10.0) -> 
         return await asyncio.wait_for(replies(), timeout)
     finally:
         link.close()
-
-
-@pytest.fixture
-def postgres_journal() -> Iterator[str]:
-    """A journal URL on the test PostgreSQL, in a schema of its own, dropped afterwards.
-
-    Skips only when nothing answers at ``$HL7BRIDGE_TEST_POSTGRES``'s address.
-    """
-    parts = urlsplit(POSTGRES)
-    address = (parts.hostname or HOST, parts.port or 5432)
-    try:
-        socket.create_connection(address, timeout=3).close()
-    except OSError as exc:
-        pytest.skip(f"no PostgreSQL answers at {address[0]}:{address[1]} ({exc}); set HL7BRIDGE_TEST_POSTGRES")
-    schema = f"hl7bridge_test_{uuid.uuid4().hex[:12]}"
-    separator = "&" if parts.query else "?"
-    yield f"{POSTGRES}{separator}schema={schema}"
-    _postgres(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-def _postgres(sql: str) -> None:
-    """Run one statement in a process of its own (fixtures run outside the test's loop)."""
-    script = (
-        "import asyncio, sys, asyncpg\n"
-        "async def main():\n"
-        "    connection = await asyncpg.connect(sys.argv[1])\n"
-        "    try:\n"
-        "        await connection.execute(sys.argv[2])\n"
-        "    finally:\n"
-        "        await connection.close()\n"
-        "asyncio.run(main())\n"
-    )
-    subprocess.run([sys.executable, "-c", script, POSTGRES, sql], check=True, timeout=60)

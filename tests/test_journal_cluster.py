@@ -46,7 +46,6 @@ from tests.nodes import (
     handled,
     message,
     msa,
-    postgres_journal,  # noqa: F401 (a fixture)
     read_journal,
     write_app,
 )
@@ -144,7 +143,7 @@ async def deliver(port: int, control_ids: list[str], acked: dict[str, bytes], re
 
 
 @asyncio_test
-async def test_a_node_killed_behind_haproxy_loses_nothing(postgres_journal: str, tmp_path: Path) -> None:  # noqa: F811
+async def test_a_node_killed_behind_haproxy_loses_nothing(postgres_url: str, tmp_path: Path) -> None:
     rng = random.Random(SEED)
     print(f"seed {SEED} (HL7BRIDGE_CRASH_SEED)")
     app = write_app(tmp_path / "app")
@@ -153,7 +152,7 @@ async def test_a_node_killed_behind_haproxy_loses_nothing(postgres_journal: str,
     nodes = list(
         await asyncio.gather(
             *(
-                Node.start(app, postgres_journal, record, port=port, delay=HANDLER_DELAY)
+                Node.start(app, postgres_url, record, port=port, delay=HANDLER_DELAY)
                 for port, record in zip(ports, records, strict=True)
             )
         )
@@ -178,7 +177,7 @@ async def test_a_node_killed_behind_haproxy_loses_nothing(postgres_journal: str,
 
         everything = [control_id for batch in batches for control_id in batch]
         assert sorted(acked) == sorted(everything)
-        contents = await read_journal(postgres_journal)
+        contents = await read_journal(postgres_url)
         assert not contents.pending
         # Each node's handlings, control id -> the MSH-10 of the ACK it built.
         handlings = [handled(record) for record in records]
@@ -201,7 +200,7 @@ async def test_a_node_killed_behind_haproxy_loses_nothing(postgres_journal: str,
                 assert node_index[row.node] == survivor and row.attempts == 2
 
         # A retransmission of an ACKed message, to either node, is answered from the journal.
-        nodes[victim] = await Node.start(app, postgres_journal, records[victim], port=ports[victim])
+        nodes[victim] = await Node.start(app, postgres_url, records[victim], port=ports[victim])
         before = [handled(record) for record in records]
         for node in nodes:
             replies = await exchange(node.port, everything, timeout=20)
@@ -214,10 +213,10 @@ async def test_a_node_killed_behind_haproxy_loses_nothing(postgres_journal: str,
 
 
 @asyncio_test
-async def test_one_message_sent_to_two_nodes_at_once_is_handled_once(postgres_journal: str, tmp_path: Path) -> None:  # noqa: F811
+async def test_one_message_sent_to_two_nodes_at_once_is_handled_once(postgres_url: str, tmp_path: Path) -> None:
     app = write_app(tmp_path / "app")
     records = [tmp_path / f"handled-{index}.txt" for index in range(2)]
-    nodes = list(await asyncio.gather(*(Node.start(app, postgres_journal, record, delay=0.1) for record in records)))
+    nodes = list(await asyncio.gather(*(Node.start(app, postgres_url, record, delay=0.1) for record in records)))
     try:
         control_ids = [f"D{n:03d}" for n in range(40)]
         # One node gets them in order, the other in reverse: each group of
@@ -231,7 +230,7 @@ async def test_one_message_sent_to_two_nodes_at_once_is_handled_once(postgres_jo
         assert first == second  # the node that did not handle a message sent the other's ACK
         handlings = [line for record in records for line in handled(record)]
         assert Counter(control_id for control_id, _ in handlings) == Counter(control_ids)
-        contents = await read_journal(postgres_journal)
+        contents = await read_journal(postgres_url)
         for control_id, reply in zip(control_ids, first, strict=True):
             assert contents.answered[control_id].ack == reply
             assert contents.answered[control_id].attempts == 1
@@ -241,14 +240,14 @@ async def test_one_message_sent_to_two_nodes_at_once_is_handled_once(postgres_jo
 
 
 @asyncio_test
-async def test_two_nodes_beginning_the_same_keys_in_opposite_orders_do_not_deadlock(postgres_journal: str) -> None:  # noqa: F811
+async def test_two_nodes_beginning_the_same_keys_in_opposite_orders_do_not_deadlock(postgres_url: str) -> None:
     """Two journals (two nodes' worth) given one group of keys each, in opposite orders, at once.
 
     Each must begin its keys in one transaction that waits for the other's,
     not fail on a deadlock (which answers the whole group AR); the node that
     did not begin a key waits for the other's answer and sends that.
     """
-    nodes = [Journal(postgres_journal), Journal(postgres_journal)]
+    nodes = [Journal(postgres_url), Journal(postgres_url)]
     for journal in nodes:
         await journal.open()
     try:

@@ -27,8 +27,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from hl7bridge.journal import NODE_STALE_AFTER
 from hl7bridge.testing import asyncio_test
 from tests.nodes import (
@@ -40,7 +38,6 @@ from tests.nodes import (
     handled,
     message,
     msa,
-    postgres_journal,  # noqa: F401 (a fixture)
     read_journal,
     write_app,
 )
@@ -54,13 +51,6 @@ HANDLER_DELAY = 0.02  # a handler takes up to this long: a kill finds some handl
 # at once, not after NODE_STALE_AFTER: well under it.
 TAKEOVER_LIMIT = 5.0
 assert TAKEOVER_LIMIT < NODE_STALE_AFTER
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def journal_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'j.db'}"
-    return str(request.getfixturevalue("postgres_journal"))
 
 
 def control_ids(prefix: str) -> Iterator[str]:
