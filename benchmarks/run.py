@@ -63,6 +63,8 @@ LISTENERS = [
     "hl7bridge-serve-legacy",
     "hl7bridge-legacy-asyncio",
     "hl7bridge-pid",
+    "hl7bridge-serve",
+    "hl7bridge-serve-quiet",
     "hl7bridge-asyncio",
     "hl7bridge-asyncio-uvloop",
     "hl7bridge-twisted",
