@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -50,6 +51,12 @@ log = logging.getLogger("hl7bridge.session")
 #: Each record also carries those values as attributes (``peer``, ``message_type``,
 #: ``control_id``, ``ack_code``, ``ms``) for structured logs.
 message_log = logging.getLogger("hl7bridge.messages")
+
+
+def log_message(text: str, fields: dict[str, Any]) -> None:
+    """The line of one message, as an INFO record of ``message_log`` with ``fields`` as its attributes."""
+    message_log.info(text, extra=fields)
+
 
 #: With the ``log_content`` setting only: one line per message at INFO with the
 #: message and its ACK, which are patient data (attributes ``hl7_message``, ``hl7_ack``).
@@ -181,6 +188,12 @@ class Engine:
         receiver: an ``IHL7Receiver`` (hl7bridge's or txHL7's, or any object
             with its four methods), or a handler (see :mod:`hl7bridge.handlers`).
         settings: listener settings; defaults if None.
+
+    Attributes:
+        log_message: called with the text and the fields of each message's line
+            when ``hl7bridge.messages`` logs at INFO; :func:`log_message` by
+            default. ``hl7bridge serve`` writes the lines itself, without a
+            LogRecord each (:class:`hl7bridge.logs.MessageLines`).
     """
 
     def __init__(self, receiver: Any, settings: Settings | None = None) -> None:
@@ -196,6 +209,7 @@ class Engine:
         # Handler tasks of connections that closed before they finished: held until they end.
         self._orphans: set[asyncio.Task[None]] = set()
         self.metrics = Metrics() if self.settings.metrics else None
+        self.log_message: Callable[[str, dict[str, Any]], None] = log_message
 
     @property
     def connections(self) -> int:
@@ -593,7 +607,7 @@ class Session:
             if lost:
                 fields["sent"] = False
             outcome = f"{code} not sent" if lost else code
-            message_log.info("%s %s %s %s %.1fms", self.peer, kind, control_id, outcome, ms, extra=fields)
+            self.engine.log_message(f"{self.peer} {kind} {control_id} {outcome} {ms:.1f}ms", fields)
         if self.settings.log_content:
             message = block.decode("utf-8", "backslashreplace")
             text = None if reply is None else reply.decode("utf-8", "backslashreplace")
