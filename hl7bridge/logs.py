@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, Protocol, TextIO
 
-from hl7bridge.session import message_log
+from hl7bridge.session import message_fields, message_log, message_text
 from hl7bridge.tap import JSONFormatter
 
 #: Seconds a line may wait in the buffer before it is written.
@@ -43,6 +43,8 @@ class BatchingStreamHandler(logging.StreamHandler):
 
 
 class LineFormatter(Protocol):
+    shows_fields: bool
+
     def line(self, when: float, level: str, logger: str, text: str, fields: dict[str, Any], error: str | None) -> str:
         """One entry as a line, from its parts."""
 
@@ -52,6 +54,8 @@ class TextFormatter(logging.Formatter):
 
     The date and time to the second are formatted once a second, not for each entry.
     """
+
+    shows_fields = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,8 +88,13 @@ class MessageLines:
         self.stream = handler.stream
         self.terminator = handler.terminator
         self.line = formatter.line
+        self.shows_fields = formatter.shows_fields
 
-    def __call__(self, text: str, fields: dict[str, Any]) -> None:
+    def __call__(
+        self, peer: str, message_type: str, control_id: str, ack_code: str, seconds: float, sent: bool
+    ) -> None:
+        text = message_text(peer, message_type, control_id, ack_code, seconds, sent)
+        fields = message_fields(peer, message_type, control_id, ack_code, seconds, sent) if self.shows_fields else {}
         line = self.line(time.time(), "INFO", message_log.name, text, fields, None) + self.terminator
         with self.lock:  # records of other threads go to the same stream
             self.stream.write(line)

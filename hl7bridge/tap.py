@@ -263,6 +263,7 @@ class JSONFormatter(logging.Formatter):
 
     #: An entry from its parts, with no record (:class:`hl7bridge.logs.MessageLines`).
     line = staticmethod(json_line)
+    shows_fields = True
 
     def format(self, record: logging.LogRecord) -> str:
         error = self.formatException(record.exc_info) if record.exc_info else None
