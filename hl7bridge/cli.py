@@ -160,7 +160,7 @@ def serve(options: ServeOptions, message_lines: logs.MessageLines | None = None)
         log.error("cannot use receiver %s: %s", options["receiver"], problem)
         return 2
     if message_lines is not None:
-        factory.engine.log_message = message_lines
+        factory.engine.log_message = message_lines.write
     status = 0
     stoppers: list[Callable[[], object]] = []
 

@@ -78,9 +78,9 @@ class TextFormatter(logging.Formatter):
 
 
 class MessageLines:
-    """:attr:`Engine.log_message <hl7bridge.session.Engine>` for ``hl7bridge serve``: each message's line
-    written to ``handler``'s stream as ``handler`` would write the record of :func:`hl7bridge.session.log_message`,
-    without the record."""
+    """Each message's line written to ``handler``'s stream as ``handler`` would write the record of
+    :func:`hl7bridge.session.log_message`, without the record: :meth:`write` is ``hl7bridge serve``'s
+    :attr:`Engine.log_message <hl7bridge.session.Engine>`."""
 
     def __init__(self, handler: BatchingStreamHandler, formatter: LineFormatter) -> None:
         assert handler.lock is not None  # a Handler creates its lock when it is made
@@ -90,9 +90,7 @@ class MessageLines:
         self.line = formatter.line
         self.shows_fields = formatter.shows_fields
 
-    def __call__(
-        self, peer: str, message_type: str, control_id: str, ack_code: str, seconds: float, sent: bool
-    ) -> None:
+    def write(self, peer: str, message_type: str, control_id: str, ack_code: str, seconds: float, sent: bool) -> None:
         text = message_text(peer, message_type, control_id, ack_code, seconds, sent)
         fields = message_fields(peer, message_type, control_id, ack_code, seconds, sent) if self.shows_fields else {}
         line = self.line(time.time(), "INFO", message_log.name, text, fields, None) + self.terminator

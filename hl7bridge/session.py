@@ -220,7 +220,7 @@ class Engine:
         log_message: called with the values of each message's line (those of
             :func:`log_message`) when ``hl7bridge.messages`` logs at INFO;
             :func:`log_message` by default. ``hl7bridge serve`` writes the lines
-            itself, without a LogRecord each (:class:`hl7bridge.logs.MessageLines`).
+            itself, without a LogRecord each (:meth:`hl7bridge.logs.MessageLines.write`).
     """
 
     def __init__(self, receiver: Any, settings: Settings | None = None) -> None:
