@@ -62,7 +62,7 @@ def message_fields(
     peer: str, message_type: str, control_id: str, ack_code: str, seconds: float, sent: bool
 ) -> dict[str, Any]:
     """The attributes of one message's record, ``ms`` rounded to a tenth; ``sent`` only when the ACK was not."""
-    fields = {
+    attributes = {
         "peer": peer,
         "message_type": message_type,
         "control_id": control_id,
@@ -70,14 +70,14 @@ def message_fields(
         "ms": round(seconds * 1000, 1),
     }
     if not sent:
-        fields["sent"] = False
-    return fields
+        attributes["sent"] = False
+    return attributes
 
 
 def log_message(peer: str, message_type: str, control_id: str, ack_code: str, seconds: float, sent: bool) -> None:
     """The line of one message, as an INFO record of ``message_log`` with :func:`message_fields` as attributes.
 
-    ``seconds`` is the time from the message's last byte to its answer's write.
+    ``seconds`` is the time from the message's dispatch to its answer's write.
     ``sent`` is False when an answer was due but never left: the connection went
     first (or the handler was still running when it did).
     """
