@@ -28,11 +28,14 @@ hl7bridge-twisted-uvloop   the same, ``install(uvloop=True)``
 hl7bridge-legacy           hl7bridge's ``MLLPFactory`` (asyncio reactor) serving
                            an unchanged txHL7 ``AbstractHL7Receiver`` subclass
                            (full parse in parseMessage, ``create_ack``)
-hl7bridge-serve-legacy     ``hl7bridge serve`` itself (``cli.main``), serving the
-                           same txHL7 receiver: its tcp: endpoint on asyncio's
-                           own server (hl7bridge.listeners), and one
-                           INFO line per message (``hl7bridge.messages``) to
-                           standard error, which run.py sends to a file
+hl7bridge-serve            the ``hl7bridge`` command as installed (the console
+                           script next to this Python): ``hl7bridge serve``
+                           with its defaults, one INFO line per message
+                           (``hl7bridge.messages``) to standard error, which
+                           run.py sends to a file; the ACK-only receiver
+hl7bridge-serve-quiet      the same with ``--log-level WARNING``: no line per
+                           message
+hl7bridge-serve-legacy     the same command serving the txHL7 receiver
 hl7bridge-legacy-asyncio   the same txHL7 receiver through ``hl7bridge.serve()``
                            (asyncio's own server and transport) under Twisted's
                            asyncio reactor, installed as for the Twisted face
@@ -66,6 +69,7 @@ import resource
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"
@@ -127,10 +131,17 @@ def txhl7_receiver() -> Any:
     return TxAckReceiver()
 
 
+#: The receivers ``hl7bridge serve`` is given by dotted path (servers.NAME), by name.
+SERVE_RECEIVERS: dict[str, Callable[[], Any]] = {
+    "AckReceiver": hl7bridge_ack_receiver,
+    "TxAckReceiver": txhl7_receiver,
+}
+
+
 def __getattr__(name: str) -> Any:
-    # hl7bridge-serve-legacy names its receiver by dotted path: servers.TxAckReceiver.
-    if name == "TxAckReceiver":
-        return type(txhl7_receiver())
+    # The hl7bridge-serve rows name their receiver by dotted path: servers.AckReceiver.
+    if name in SERVE_RECEIVERS:
+        return type(SERVE_RECEIVERS[name]())
     raise AttributeError(name)
 
 
@@ -176,14 +187,27 @@ def hl7bridge_twisted(port: int, receiver_factory: Callable[[], Any], uvloop: bo
     reactor.run()
 
 
-def hl7bridge_serve_legacy(port: int) -> None:
-    """``hl7bridge serve`` as a user runs it, with the txHL7 receiver: INFO logs and all."""
-    from hl7bridge import cli
+def hl7bridge_serve(receiver: str, *options: str) -> Callable[[int], list[str]]:
+    """The command line of ``hl7bridge serve`` as a user runs it: the installed script, INFO logs and all."""
 
-    sys.modules.setdefault("servers", sys.modules[__name__])  # run as __main__: importable as "servers" too
-    endpoint = f"tcp:{port}:interface={HOST}"
-    limits = ["--max-connections", "none", "--max-connections-per-peer", "none"]
-    sys.exit(cli.main(["serve", "--endpoint", endpoint, "--receiver", "servers.TxAckReceiver", *limits]))
+    def command(port: int) -> list[str]:
+        return [
+            str(Path(sys.executable).with_name("hl7bridge")),
+            "serve",
+            "--endpoint",
+            f"tcp:{port}:interface={HOST}",
+            "--app-dir",
+            str(Path(__file__).resolve().parent),
+            "--receiver",
+            f"servers.{receiver}",
+            "--max-connections",
+            "none",
+            "--max-connections-per-peer",
+            "none",
+            *options,
+        ]
+
+    return command
 
 
 def hl7bridge_legacy_asyncio(port: int) -> None:
@@ -298,7 +322,6 @@ LISTENERS: dict[str, Callable[[int], None]] = {
     "hl7bridge-twisted": lambda port: hl7bridge_twisted(port, hl7bridge_ack_receiver),
     "hl7bridge-twisted-uvloop": lambda port: hl7bridge_twisted(port, hl7bridge_ack_receiver, uvloop=True),
     "hl7bridge-legacy": lambda port: hl7bridge_twisted(port, txhl7_receiver),
-    "hl7bridge-serve-legacy": hl7bridge_serve_legacy,
     "hl7bridge-legacy-asyncio": hl7bridge_legacy_asyncio,
     "hl7bridge-pid": lambda port: hl7bridge_twisted(port, hl7bridge_pid_receiver),
     "txhl7-epoll": lambda port: txhl7(port, asyncio_reactor=False),
@@ -307,6 +330,14 @@ LISTENERS: dict[str, Callable[[int], None]] = {
     "ceiling-asyncio": lambda port: ceiling(port, uvloop=False),
     "ceiling-uvloop": lambda port: ceiling(port, uvloop=True),
     "ceiling-twisted": ceiling_twisted,
+}
+
+
+#: Listeners that are a command of their own, run in place of this process (exec).
+COMMANDS: dict[str, Callable[[int], list[str]]] = {
+    "hl7bridge-serve": hl7bridge_serve("AckReceiver"),
+    "hl7bridge-serve-quiet": hl7bridge_serve("AckReceiver", "--log-level", "WARNING"),
+    "hl7bridge-serve-legacy": hl7bridge_serve("TxAckReceiver"),
 }
 
 
@@ -336,14 +367,22 @@ def snapshot_on_signal(directory: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=sorted(LISTENERS))
+    parser.add_argument("kind", choices=sorted([*LISTENERS, *COMMANDS]))
     parser.add_argument("port", type=int)
     traced = parser.add_mutually_exclusive_group()
     traced.add_argument("--profile", metavar="FILE", help="run under cProfile; write stats to FILE on exit")
     traced.add_argument("--tracemalloc", metavar="DIR", help="trace the Python heap; SIGUSR1 writes a snapshot to DIR")
     args = parser.parse_args(argv)
-    run = LISTENERS[args.kind]
     raise_open_files_limit()
+    if args.kind in COMMANDS:
+        if args.tracemalloc:
+            parser.error(f"{args.kind} is a command of its own; --tracemalloc cannot trace it")
+        command = COMMANDS[args.kind](args.port)
+        if args.profile:
+            # cProfile writes its stats when the command exits (hl7bridge serve does on SIGTERM).
+            command = [sys.executable, "-m", "cProfile", "-o", args.profile, *command]
+        os.execv(command[0], command)
+    run = LISTENERS[args.kind]
     if args.tracemalloc:
         snapshot_on_signal(args.tracemalloc)
 

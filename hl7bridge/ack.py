@@ -112,9 +112,9 @@ class Header:
     @property
     def message_type(self) -> str:
         """MSH-9.1 and MSH-9.2 as ``"ADT^A01"`` (or ``"ADT"``), for logs and routing."""
-        trigger = self.component(9, 2)
-        code = self.component(9, 1)
-        return f"{code}^{trigger}" if trigger else code
+        value = self._padded[9].split(self.repetition_separator, 1)[0]
+        parts = value.split(self.component_separator, 2)
+        return f"{parts[0]}^{parts[1]}" if len(parts) > 1 and parts[1] else parts[0]
 
     @property
     def control_id(self) -> str:
@@ -288,6 +288,9 @@ def read_ack_code(data: bytes) -> str:
     if start < 0 or len(data) < start + 6:
         return read_ack(data.decode("latin-1"))[0] or "?"
     separator = data[start + 4 : start + 5]
+    code = data[start + 5 : start + 7]
+    if code.isalpha() and data[start + 7 : start + 8] in (separator, b"\r"):  # two letters, as table 0008's
+        return code.decode("latin-1")
     end = start + 5
     while end < len(data) and data[end : end + 1] not in (separator, b"\r", b"\n"):
         end += 1

@@ -38,7 +38,7 @@ from typing import Any, cast
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from hl7bridge import failures, framing, tap
+from hl7bridge import failures, framing, logs, tap
 from hl7bridge.errors import LocalError
 from hl7bridge.journal import DEFAULT_RETENTION_DAYS, Journal, JournalError, Message, redact
 from hl7bridge.migration.shadow import AGREED, DIFFERED, FAILED, ShadowReport, compare_acks, text_table
@@ -271,18 +271,19 @@ def _where(port: Any) -> str:
     return f"{address.host}:{address.port}" if hasattr(address, "port") else str(address)
 
 
-def serve(options: ServeOptions) -> int:
+def serve(options: ServeOptions, message_lines: logs.MessageLines | None = None) -> int:
     """Listen on each ``--endpoint`` until SIGINT or SIGTERM; return the exit status.
 
     ``tcp:``, ``unix:``, ``ssl:`` and ``mtls:`` endpoints are served by asyncio's
     own servers (:mod:`hl7bridge.listeners`), any other by Twisted's endpoints;
-    one engine serves them all.
+    one engine serves them all. ``message_lines``, if given, writes the line per
+    message (see :mod:`hl7bridge.logs`).
     """
     from hl7bridge.reactor import install
 
     reactor = install(uvloop=options["uvloop"])
 
-    from twisted.internet import endpoints
+    from twisted.internet import endpoints, task
     from twisted.internet.defer import fail
     from twisted.logger import ILogObserver, STDLibLogObserver, globalLogBeginner
 
@@ -295,6 +296,8 @@ def serve(options: ServeOptions) -> int:
         problem = exc if isinstance(exc, LocalError) else tap.describe_failure(exc)
         log.error("cannot use receiver %s: %s", options["receiver"], problem)
         return 2
+    if message_lines is not None:
+        factory.engine.log_message = message_lines.write
     status = 0
     stoppers: list[Callable[[], object]] = []
 
@@ -313,6 +316,8 @@ def serve(options: ServeOptions) -> int:
         return tap.drain_and_report(factory, tap.EXIT_GRACE)
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
+    # Log lines are written in batches (hl7bridge.logs); logging.shutdown writes the last at exit.
+    task.LoopingCall(logs.flush).start(logs.FLUSH_INTERVAL, now=False)
 
     def listening(port: Any) -> None:
         stoppers.append(port.stopListening)
@@ -726,13 +731,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = command.subOptions
         print(f"{command}\nhl7bridge: {exc}", file=sys.stderr)
         return 2
-    handler = logging.StreamHandler()
-    if options.subCommand == "serve" and options.subOptions["log-format"] == "json":
-        handler.setFormatter(tap.JSONFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    level = options.subOptions["log-level"] if options.subCommand == "serve" else "WARNING"
-    logging.basicConfig(level=level, handlers=[handler])
+    serving = options.subCommand == "serve"
+    message_lines = logs.configure(
+        options.subOptions["log-level"] if serving else "WARNING",
+        json_format=serving and options.subOptions["log-format"] == "json",
+    )
     if options.subCommand == "send":
         return send(options.subOptions)
     if options.subCommand == "shadow-report":
@@ -744,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(purge(journal_command.subOptions))
     if options.subCommand == "replay":
         return replay(options.subOptions)
-    return serve(options.subOptions)
+    return serve(options.subOptions, message_lines)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -60,6 +61,39 @@ log = logging.getLogger("hl7bridge.session")
 #: Each record also carries those values as attributes (``peer``, ``message_type``,
 #: ``control_id``, ``ack_code``, ``ms``) for structured logs.
 message_log = logging.getLogger("hl7bridge.messages")
+
+
+def message_text(peer: str, message_type: str, control_id: str, ack_code: str, seconds: float, sent: bool) -> str:
+    """The text of one message's line: ``10.0.0.7:51234 ADT^A01 TEST0001 AA 0.8ms``."""
+    return f"{peer} {message_type} {control_id} {ack_code}{'' if sent else ' not sent'} {seconds * 1000:.1f}ms"
+
+
+def message_fields(
+    peer: str, message_type: str, control_id: str, ack_code: str, seconds: float, sent: bool
+) -> dict[str, Any]:
+    """The attributes of one message's record, ``ms`` rounded to a tenth; ``sent`` only when the ACK was not."""
+    attributes = {
+        "peer": peer,
+        "message_type": message_type,
+        "control_id": control_id,
+        "ack_code": ack_code,
+        "ms": round(seconds * 1000, 1),
+    }
+    if not sent:
+        attributes["sent"] = False
+    return attributes
+
+
+def log_message(peer: str, message_type: str, control_id: str, ack_code: str, seconds: float, sent: bool) -> None:
+    """The line of one message, as an INFO record of ``message_log`` with :func:`message_fields` as attributes.
+
+    ``seconds`` is the time from the message's dispatch to its answer's write.
+    ``sent`` is False when an answer was due but never left: the connection went
+    first (or the handler was still running when it did).
+    """
+    values = (peer, message_type, control_id, ack_code, seconds, sent)
+    message_log.info(message_text(*values), extra=message_fields(*values))
+
 
 #: With the ``log_content`` setting only: one line per message at INFO with the
 #: message and its ACK, which are patient data (attributes ``hl7_message``, ``hl7_ack``).
@@ -227,6 +261,12 @@ class Engine:
         receiver: an ``IHL7Receiver`` (hl7bridge's or txHL7's, or any object
             with its four methods), or a handler (see :mod:`hl7bridge.handlers`).
         settings: listener settings; defaults if None.
+
+    Attributes:
+        log_message: called with the values of each message's line (those of
+            :func:`log_message`) when ``hl7bridge.messages`` logs at INFO;
+            :func:`log_message` by default. ``hl7bridge serve`` writes the lines
+            itself, without a LogRecord each (:meth:`hl7bridge.logs.MessageLines.write`).
     """
 
     def __init__(self, receiver: Any, settings: Settings | None = None) -> None:
@@ -242,6 +282,7 @@ class Engine:
         # Handler tasks of connections that closed before they finished: held until they end.
         self._orphans: set[asyncio.Task[None]] = set()
         self.metrics = Metrics() if self.settings.metrics else None
+        self.log_message: Callable[[str, str, str, str, float, bool], None] = log_message
         settings = self.settings
         self.journal = (
             Journal(settings.journal, settings.journal_key, settings.journal_retention) if settings.journal else None
@@ -712,12 +753,7 @@ class Session:
         if self.engine.metrics is not None:
             self.engine.metrics.record(kind, "not sent" if lost else code, seconds)
         if self._logged:
-            ms = round(seconds * 1000, 1)
-            fields = {"peer": self.peer, "message_type": kind, "control_id": control_id, "ack_code": code, "ms": ms}
-            if lost:
-                fields["sent"] = False
-            outcome = f"{code} not sent" if lost else code
-            message_log.info("%s %s %s %s %.1fms", self.peer, kind, control_id, outcome, ms, extra=fields)
+            self.engine.log_message(self.peer, kind, control_id, code, seconds, not lost)
         if self.settings.log_content:
             message = block.decode("utf-8", "backslashreplace")
             text = None if reply is None else reply.decode("utf-8", "backslashreplace")

@@ -272,6 +272,10 @@ def json_line(when: float, level: str, logger: str, text: str, fields: dict[str,
 class JSONFormatter(logging.Formatter):
     """Python logging records as lines of JSON (``hl7bridge serve --log-format json``)."""
 
+    #: An entry from its parts, with no record (:class:`hl7bridge.logs.MessageLines`).
+    line = staticmethod(json_line)
+    shows_fields = True
+
     def format(self, record: logging.LogRecord) -> str:
         error = self.formatException(record.exc_info) if record.exc_info else None
         return json_line(

@@ -6,7 +6,10 @@ import json
 import logging
 import re
 import signal
+import socket
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +17,9 @@ from twisted.logger import globalLogPublisher
 
 from hl7bridge.tap import JSONFormatter, TwistedLogHandler, json_log_observer
 from hl7bridge.testing import asyncio_test
+from tests.cases import CR, FS, VT
 from tests.support import FACES, frame, message
-from tests.test_cli import Server, hl7bridge_send
+from tests.test_cli import SCRIPT, Server, hl7bridge_send
 from tests.test_session import exchange
 
 SECRET_BODY = "PID|1||55501||TESTPERSON^SECRET\r"
@@ -126,3 +130,57 @@ def test_a_failure_quoting_patient_data_stays_out_of_json_logs() -> None:
     assert failure["level"] == "ERROR" and "tests.handlers.leaky.BedNotFound" in failure["message"]
     assert 'leaky.py", line ' in failure["message"]
     assert not [line for line in server.log if "TESTPERSON" in line or "SECRET" in line]
+
+
+# hl7bridge serve writes its lines in batches (hl7bridge.logs): none may be lost, and none may be late.
+
+BATCH = 300
+
+
+@pytest.mark.parametrize(
+    ("log_format", "logged"), [("text", r" (BATCH\d+) AA "), ("json", r'"control_id": "(BATCH\d+)"')]
+)
+def test_serve_writes_every_message_line_when_sigterm_comes_right_after_the_last_ack(
+    tmp_path: Path, log_format: str, logged: str
+) -> None:
+    path = tmp_path / "batch.hl7"
+    path.write_bytes("".join(message(f"BATCH{number}") for number in range(BATCH)).encode())
+    server = Server("--log-format", log_format, program=(SCRIPT,))
+    try:
+        result = hl7bridge_send("-p", str(server.port), "-q", "127.0.0.1", str(path))
+        assert result.returncode == 0, result.stderr
+    finally:
+        assert server.stop(signal.SIGTERM) == 0  # at once: the last lines are still in the buffer
+    written = [found for line in server.log for found in re.findall(logged, line)]
+    assert sorted(written) == sorted(f"BATCH{number}" for number in range(BATCH))
+
+
+def test_serve_writes_a_message_line_within_a_second_while_it_runs() -> None:
+    server = Server(program=(SCRIPT,))
+    try:
+        sent = time.monotonic()
+        result = hl7bridge_send("-p", str(server.port), "-q", "127.0.0.1", stdin=message("PROMPT1").encode())
+        assert result.returncode == 0, result.stderr
+        server.wait_for(r" PROMPT1 AA ", timeout=5)
+        assert time.monotonic() - sent < 1.5  # the send itself included
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+
+
+def test_serve_writes_the_lines_of_messages_left_unanswered_when_it_exits_after_the_drain() -> None:
+    """Handlers stuck in threads: serve exits through os._exit after the drain, and still writes every line."""
+    server = Server("--receiver", "tests.handlers.sleepy.SleepyReceiver", "--drain-timeout", "0.5", program=(SCRIPT,))
+    peers = []
+    try:
+        for number in range(3):
+            peer = socket.create_connection(("127.0.0.1", server.port))
+            peer.sendall(VT + message(f"STUCK{number}").encode() + FS + CR)
+            peers.append(peer)
+        time.sleep(1)  # every message reached its handler
+        assert server.stop(signal.SIGTERM) == 0
+    finally:
+        for peer in peers:
+            peer.close()
+    log = "".join(server.log)
+    assert "exiting in" in log  # the exit after the drain, not a normal one
+    assert sorted(re.findall(r" (STUCK\d) \S+ not sent ", log)) == ["STUCK0", "STUCK1", "STUCK2"], log
