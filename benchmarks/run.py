@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import memory
+from servers import forget_journals
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -67,6 +68,8 @@ LISTENERS = [
     "hl7bridge-pid",
     "hl7bridge-serve",
     "hl7bridge-serve-quiet",
+    "hl7bridge-serve-sqlite",
+    "hl7bridge-serve-postgresql",
     "hl7bridge-asyncio",
     "hl7bridge-asyncio-uvloop",
     "hl7bridge-twisted",
@@ -75,6 +78,9 @@ LISTENERS = [
     "ceiling-uvloop",
     "ceiling-twisted",
 ]
+
+#: Listeners that keep a message journal.
+JOURNALED = ("hl7bridge-serve-sqlite", "hl7bridge-serve-postgresql")
 
 QUICK_LISTENERS = [
     "txhl7-epoll",
@@ -368,6 +374,8 @@ def measure(
         return row
     argv = [*client_prefix, str(client), "-p", str(server.port), "-c", str(workload.connections)]
     argv += ["-d", str(duration), "-w", str(warmup)]
+    if server.kind in JOURNALED:
+        argv.append("-u")  # a new control id per message, or the journal answers all but the first from itself
     for path in workload.files:
         argv += ["-m", str(path)]
     run = run_client(argv, duration + warmup + 60, server)
@@ -660,6 +668,15 @@ TWISTED_WHY = (
     " transport itself costs."
 )
 
+JOURNAL_WHY = (
+    "A journal may cost at most half the throughput of the same command without one. Each message is written"
+    " twice (when it arrives, and its ACK before it is sent), each time in a group with the other messages of its"
+    " loop turn; the ACKs' group waits for the disk (or PostgreSQL's commit). With few connections every round"
+    " trip includes that wait, whatever the grouping: with 8 connections a sync that takes as long as a round"
+    " trip without the journal halves the rate by itself. With more connections the groups grow and the cost per"
+    " message falls. PostgreSQL runs on the same two CPUs as the listener and the load generator here."
+)
+
 #: The performance targets, as the project states them.
 TARGETS = [
     Target(
@@ -696,6 +713,16 @@ TARGETS = [
     *(
         Target(listener, REFERENCE, 1.0, why="An unchanged txHL7 receiver is at least as fast as on txHL7.")
         for listener in ("hl7bridge-legacy", "hl7bridge-serve-legacy", "hl7bridge-legacy-asyncio")
+    ),
+    *(
+        Target(
+            listener,
+            "hl7bridge-serve",
+            0.5,
+            only=(("oru", 8), ("oru", 64)),
+            why=JOURNAL_WHY,
+        )
+        for listener in JOURNALED
     ),
     Target(
         "hl7bridge-pid",
@@ -872,6 +899,11 @@ LISTENER_NOTES = {
     " serving a receiver that ACKs every message without reading it.",
     "hl7bridge-serve-quiet": "the same with `--log-level WARNING`: no line per message.",
     "hl7bridge-serve-legacy": "`hl7bridge serve` serving the unchanged txHL7 receiver of txhl7-epoll.",
+    "hl7bridge-serve-sqlite": "hl7bridge-serve with a message journal in SQLite (`--journal sqlite:///...`, its"
+    " default durability: each group of ACKs synced to disk before it is sent). The load generator gives every"
+    " message a new control id, as senders do.",
+    "hl7bridge-serve-postgresql": "the same with the journal in PostgreSQL on the same machine (its default"
+    " `synchronous_commit`): the layout of several nodes.",
     "hl7bridge-legacy": "hl7bridge's `MLLPFactory` under `reactor.listenTCP`, serving the unchanged txHL7 receiver.",
     "hl7bridge-legacy-asyncio": "`hl7bridge.serve()` (asyncio's own server) serving the unchanged txHL7 receiver.",
     "hl7bridge-pid": "hl7bridge's `MLLPFactory`, a receiver that reads the patient id (PID-3), so it parses, and ACKs.",
@@ -1269,6 +1301,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers.values():
             server.stop()
+        forget_journals()
     if args.profile is None and args.write_docs and not args.quick:
         args.profile = ",".join(DOC_PROFILES)
     if args.profile:

@@ -68,6 +68,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,51 @@ def hl7bridge_serve(receiver: str, *options: str) -> Callable[[int], list[str]]:
     return command
 
 
+#: The PostgreSQL of the journal rows; each run of a row gets a schema of its own.
+POSTGRES = os.environ.get("HL7BRIDGE_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def sqlite_journal(port: int) -> str:
+    """A new SQLite journal for one run of a row (the default durability: answers synced to disk)."""
+    path = Path(tempfile.mkdtemp(prefix=f"hl7bridge-bench-{port}-")) / "journal.db"
+    return f"sqlite:///{path}"
+
+
+def postgres_journal(port: int) -> str:
+    """A new schema on the benchmark's PostgreSQL for one run of a row (its default synchronous_commit)."""
+    schema = f"hl7bridge_bench_{port}_{os.getpid()}"
+    return f"{POSTGRES}{'&' if '?' in POSTGRES else '?'}schema={schema}"
+
+
+def forget_journals() -> None:
+    """Delete what the journal rows wrote: their SQLite folders and PostgreSQL schemas."""
+    import glob
+    import shutil
+
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), "hl7bridge-bench-*")):
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        import asyncpg
+    except ImportError:
+        return
+
+    async def drop() -> None:
+        connection = await asyncpg.connect(POSTGRES, timeout=10)
+        try:
+            names = await connection.fetch(
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'hl7bridge\\_bench\\_%'"
+            )
+            for (name,) in names:
+                await connection.execute(f'DROP SCHEMA "{name}" CASCADE')
+        finally:
+            await connection.close()
+
+    try:
+        asyncio.run(drop())
+    except OSError:
+        pass  # no PostgreSQL here: its rows failed to start, and left nothing
+
+
 def hl7bridge_legacy_asyncio(port: int) -> None:
     """The txHL7 receiver on asyncio's own server and transport, the asyncio reactor installed on that loop."""
     import hl7bridge
@@ -338,6 +384,10 @@ COMMANDS: dict[str, Callable[[int], list[str]]] = {
     "hl7bridge-serve": hl7bridge_serve("AckReceiver"),
     "hl7bridge-serve-quiet": hl7bridge_serve("AckReceiver", "--log-level", "WARNING"),
     "hl7bridge-serve-legacy": hl7bridge_serve("TxAckReceiver"),
+    "hl7bridge-serve-sqlite": lambda port: hl7bridge_serve("AckReceiver", "--journal", sqlite_journal(port))(port),
+    "hl7bridge-serve-postgresql": lambda port: hl7bridge_serve("AckReceiver", "--journal", postgres_journal(port))(
+        port
+    ),
 }
 
 

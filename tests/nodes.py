@@ -11,6 +11,7 @@ got, and what the journal holds.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import re
@@ -99,6 +100,17 @@ def without_pythonpath() -> dict[str, str]:
 _STARTED = re.compile(r"serving \S+ on 127\.0\.0\.1:(?P<port>\d+)|journal \S+ open \(node (?P<node>\d+)\)")
 
 
+# Every node process started: none outlives the test run, whatever a failing test left.
+_LIVE: list[subprocess.Popen[str]] = []
+
+
+@atexit.register
+def _kill_left_nodes() -> None:
+    for process in _LIVE:
+        if process.poll() is None:
+            process.kill()
+
+
 class Node:
     """``hl7bridge serve --journal URL`` with the recording receiver; started once its journal is open."""
 
@@ -114,6 +126,7 @@ class Node:
             stderr=subprocess.PIPE,
             text=True,
         )
+        _LIVE.append(self.process)
         self.output = Lines(self.process.stderr)
         found: dict[str, int] = {}
         try:

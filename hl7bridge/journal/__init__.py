@@ -243,6 +243,18 @@ class Message:
     attempts: int
 
 
+#: The columns a backend selects for a :class:`Message`, in its fields' order.
+MESSAGE_COLUMNS = (
+    "id, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw, "
+    "ack, ack_code, answered_at, node, attempts"
+)
+
+#: The messages received and never answered, oldest first (the same SQL on every backend).
+PENDING_SQL = (
+    f"SELECT {MESSAGE_COLUMNS} FROM hl7bridge_journal_messages WHERE answered_at IS NULL ORDER BY received_at, id"
+)
+
+
 class Backend(Protocol):
     """What a database does for a :class:`Journal`; every method runs on the event loop."""
 

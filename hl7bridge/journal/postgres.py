@@ -28,7 +28,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from hl7bridge.journal import (
     CLAIM,
+    MESSAGE_COLUMNS,
     NEW,
+    PENDING_SQL,
     REPLAY,
     SCHEMA_VERSION,
     WAIT,
@@ -80,11 +82,6 @@ CREATE INDEX hl7bridge_journal_pending ON hl7bridge_journal_messages (answered_a
 #: Statements that take a journal from version n - 1 to n.
 MIGRATIONS: dict[int, str] = {}
 
-_COLUMNS = (
-    "id, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw, "
-    "ack, ack_code, answered_at, node, attempts"
-)
-
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 # Rows are inserted, and taken rows locked, in key order: two nodes given the
@@ -117,7 +114,7 @@ WHERE id = $1
 
 
 def _message(row: Any) -> Message:
-    return Message(*(row[column] for column in _COLUMNS.split(", ")))
+    return Message(*(row[column] for column in MESSAGE_COLUMNS.split(", ")))
 
 
 class PostgresBackend:
@@ -293,14 +290,12 @@ class PostgresBackend:
         await self._pool.execute("UPDATE hl7bridge_journal_nodes SET seen_at = now() WHERE id = $1", node)
 
     async def pending(self) -> list[Message]:
-        rows = await self._pool.fetch(
-            f"SELECT {_COLUMNS} FROM hl7bridge_journal_messages WHERE answered_at IS NULL ORDER BY received_at, id"
-        )
+        rows = await self._pool.fetch(PENDING_SQL)
         return [_message(row) for row in rows]
 
     async def messages(self, since: datetime | None, after: int, limit: int) -> list[Message]:
         rows = await self._pool.fetch(
-            f"SELECT {_COLUMNS} FROM hl7bridge_journal_messages WHERE answered_at IS NOT NULL "
+            f"SELECT {MESSAGE_COLUMNS} FROM hl7bridge_journal_messages WHERE answered_at IS NOT NULL "
             "AND ($1::timestamptz IS NULL OR received_at >= $1) AND id > $2 ORDER BY id LIMIT $3",
             since,
             after,

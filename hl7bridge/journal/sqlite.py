@@ -28,7 +28,9 @@ from urllib.parse import parse_qsl, unquote
 
 from hl7bridge.journal import (
     CLAIM,
+    MESSAGE_COLUMNS,
     NEW,
+    PENDING_SQL,
     REPLAY,
     SCHEMA_VERSION,
     Answered,
@@ -77,11 +79,6 @@ CREATE INDEX hl7bridge_journal_pending ON hl7bridge_journal_messages (answered_a
 
 #: Statements that take a journal from version n - 1 to n.
 MIGRATIONS: dict[int, str] = {}
-
-_COLUMNS = (
-    "id, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw, "
-    "ack, ack_code, answered_at, node, attempts"
-)
 
 
 def _when(seconds: float | None) -> datetime | None:
@@ -271,12 +268,11 @@ class SQLiteBackend:
         )
 
     async def pending(self) -> list[Message]:
-        sql = f"SELECT {_COLUMNS} FROM hl7bridge_journal_messages WHERE answered_at IS NULL ORDER BY received_at, id"
-        return await self._run(self._query, sql)
+        return await self._run(self._query, PENDING_SQL)
 
     async def messages(self, since: datetime | None, after: int, limit: int) -> list[Message]:
         sql = (
-            f"SELECT {_COLUMNS} FROM hl7bridge_journal_messages "
+            f"SELECT {MESSAGE_COLUMNS} FROM hl7bridge_journal_messages "
             "WHERE answered_at IS NOT NULL AND received_at >= ? AND id > ? ORDER BY id LIMIT ?"
         )
         return await self._run(self._query, sql, (since.timestamp() if since else 0.0, after, limit))
