@@ -20,11 +20,12 @@ and :mod:`hl7bridge.journal.postgres` (several listeners sharing one journal).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
@@ -267,9 +268,9 @@ class Backend(Protocol):
     async def register(self, host: str, pid: int) -> int:
         """Register this process as a node writing to the journal; its node id."""
 
-    async def write(
+    def write(
         self, node: int, busy: set[str], arrivals: list[Arrival], answers: list[Answered]
-    ) -> tuple[list[Outcome], set[int | None]]:
+    ) -> Awaitable[tuple[list[Outcome], set[int | None]]]:
         """Commit ``answers``, then begin ``arrivals``, in one transaction.
 
         Returns one outcome per arrival (:func:`decide` for keys already
@@ -323,8 +324,9 @@ class Journal:
         self._busy: dict[str, Arrival] = {}  # keys being handled here: begun, answer not committed
         self._beginning: Counter[str] = Counter()  # keys of arrivals in writes under way
         self._waiting: dict[str, list[Arrival]] = {}  # arrivals waiting for a key's answer
-        self._timers: set[asyncio.TimerHandle] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._opening_first = False
+        self._closing = False
         self._failing = False
 
     def __repr__(self) -> str:
@@ -385,19 +387,42 @@ class Journal:
         self._scheduled = False
         if not (self._arrivals or self._answers) or self._writing >= self.backend.concurrency:
             return  # what is queued goes with the next write, when the one running ends
+        if self.node is None:
+            # Not opened by its listener first: open it, then write what waits.
+            if not self._opening_first:
+                self._opening_first = True
+                self._spawn(self._open_first())
+            return
         arrivals, answers = self._arrivals, self._answers
         self._arrivals, self._answers = [], []
         self._writing += 1
         # A write under way may begin these keys: another must not take them for stranded.
         busy = set(self._busy).union(self._beginning)
         self._beginning.update(arrival.key for arrival in arrivals)
-        self._spawn(self._write(arrivals, answers, busy))
+        # A callback, not a task per write: the loop's own work per message counts.
+        written = asyncio.ensure_future(self.backend.write(self.node, busy, arrivals, answers))
+        self._tasks.add(written)
+        written.add_done_callback(functools.partial(self._written, arrivals, answers))
 
-    async def _write(self, arrivals: list[Arrival], answers: list[Answered], busy: set[str]) -> None:
+    async def _open_first(self) -> None:
         try:
             await self.open()
-            assert self.node is not None
-            outcomes, lost = await self.backend.write(self.node, busy, arrivals, answers)
+        except Exception:
+            arrivals, answers = self._arrivals, self._answers
+            self._arrivals, self._answers = [], []
+            self._report_failure(len(arrivals) + len(answers))
+            self._settle_all(arrivals, answers, None, set())
+        finally:
+            self._opening_first = False
+        self._schedule()
+
+    def _written(self, arrivals: list[Arrival], answers: list[Answered], written: asyncio.Future[Any]) -> None:
+        self._tasks.discard(written)
+        self._writing -= 1
+        self._beginning.subtract(arrival.key for arrival in arrivals)
+        self._beginning += Counter()  # drops the keys counted down to 0
+        try:
+            outcomes, lost = written.result()
         except Exception:
             outcomes, lost = None, set()
             self._report_failure(len(arrivals) + len(answers))
@@ -405,12 +430,14 @@ class Journal:
             if self._failing:
                 self._failing = False
                 log.warning("journal %s: writing again", redact(self.url))
-        finally:
-            self._writing -= 1
-            self._beginning.subtract(arrival.key for arrival in arrivals)
-            self._beginning += Counter()  # drops the keys counted down to 0
-            if self._arrivals or self._answers:
-                self._schedule()
+        if self._arrivals or self._answers:
+            self._schedule()
+        self._settle_all(arrivals, answers, outcomes, lost)
+
+    def _settle_all(
+        self, arrivals: list[Arrival], answers: list[Answered], outcomes: list[Outcome] | None, lost: set[int | None]
+    ) -> None:
+        """Tell each arrival what to do, and each answer whether it was committed (None: the write failed)."""
         for index, arrival in enumerate(arrivals):
             self._settle(arrival, outcomes[index] if outcomes is not None else None)
         for answered in answers:
@@ -436,11 +463,12 @@ class Journal:
             # that answer is committed here, or after a while for other nodes.
             self._waiting.setdefault(arrival.key, []).append(arrival)
             assert self._loop is not None
-            timer = self._loop.call_later(WAIT_POLL_INTERVAL, self._wake, arrival.key)
-            self._timers.add(timer)
+            self._loop.call_later(WAIT_POLL_INTERVAL, self._wake, arrival.key)
 
     def _wake(self, key: str) -> None:
         """Arrivals waiting for ``key``'s answer go with the next write, to be decided again."""
+        if self._closing:
+            return
         waiting = self._waiting.pop(key, None)
         if waiting:
             self._arrivals.extend(waiting)
@@ -517,9 +545,7 @@ class Journal:
         if self._opening is None:
             await self.backend.close(None)
             return
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        self._closing = True  # copies still waiting for an answer are let go: their connections are closed
         while self._arrivals or self._answers or self._writing:
             if self._writing < self.backend.concurrency and not self._scheduled:
                 self._flush()

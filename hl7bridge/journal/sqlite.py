@@ -3,12 +3,11 @@
 Durability: what ``synchronous=FULL`` gives, an ACK sent survives a power cut,
 not only a killed process. FULL is ``synchronous=NORMAL`` plus a sync of the
 write-ahead log after each commit, and that is how it is done here: every
-transaction commits with NORMAL on the journal's thread (it survives a killed
-process: the operating system has it), and the ACKs of a transaction are
-released only after a sync of the write-ahead log that started after it
-committed, on a second thread. So the sync holds no lock: the next
-transactions commit while it runs, and one sync covers them all. A message
-whose arrival a power cut loses was never acknowledged.
+transaction commits with NORMAL (it survives a killed process: the operating
+system has it), and one that commits answers is followed by a sync of the
+write-ahead log, after its write lock is released, before its ACKs are let go.
+A transaction of arrivals alone is not synced: a message whose arrival a power
+cut loses was never acknowledged.
 ``sqlite:///file.db?synchronous=normal`` leaves the sync out: ACKs then survive
 a killed process but not a power cut.
 
@@ -101,18 +100,15 @@ def _message(row: tuple[Any, ...]) -> Message:
 class SQLiteBackend:
     """A journal in one SQLite file; every statement runs on the backend's own thread."""
 
-    #: Writes at once: one commits on the journal's thread while another waits for its sync.
+    #: Writes at once: one runs on the journal's thread while the next is queued for it.
     concurrency = 2
 
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
         self.path = path
         self.synced = synchronous == "FULL"  # answers wait for a sync of the write-ahead log
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hl7bridge-journal")
-        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="hl7bridge-journal-sync")
         self._db: sqlite3.Connection | None = None
         self._wal = -1  # the write-ahead log, opened to sync it
-        self._syncing: asyncio.Future[None] | None = None  # the sync under way
-        self._next_sync: asyncio.Future[None] | None = None  # the one that starts when it ends
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteBackend:
@@ -184,6 +180,8 @@ class SQLiteBackend:
                 if cursor.rowcount != 1:
                     lost.add(answered.arrival.id)
             outcomes = [self._begin(db, node, busy, arrival) for arrival in arrivals]
+        if answers and self.synced:
+            os.fsync(self._wal)  # the lock is released: other processes may write meanwhile
         return outcomes, lost
 
     def _begin(self, db: sqlite3.Connection, node: int, busy: set[str], arrival: Arrival) -> Outcome:
@@ -265,39 +263,11 @@ class SQLiteBackend:
     async def register(self, host: str, pid: int) -> int:
         return await self._run(self._register, host, pid)
 
-    async def write(
+    def write(
         self, node: int, busy: set[str], arrivals: list[Arrival], answers: list[Answered]
-    ) -> tuple[list[Outcome], set[int | None]]:
-        outcomes, lost = await self._run(self._write, node, busy, arrivals, answers)
-        if answers and self.synced:
-            await self._sync()
-        return outcomes, lost
-
-    def _sync(self) -> asyncio.Future[None]:
-        """A sync of the write-ahead log that starts after now; one sync serves every write that asked meanwhile."""
-        waiting = self._next_sync
-        if waiting is None:
-            waiting = self._next_sync = asyncio.get_running_loop().create_future()
-            if self._syncing is None:
-                self._start_sync()
-        return asyncio.shield(waiting)
-
-    def _start_sync(self) -> None:
-        done, self._next_sync = self._next_sync, None
-        assert done is not None
-        self._syncing = asyncio.get_running_loop().run_in_executor(self._syncer, os.fsync, self._wal)
-
-        def synced(future: asyncio.Future[None]) -> None:
-            self._syncing = None
-            failed = future.exception()
-            if failed is not None:
-                done.set_exception(failed)
-            else:
-                done.set_result(None)
-            if self._next_sync is not None:
-                self._start_sync()
-
-        self._syncing.add_done_callback(synced)
+    ) -> asyncio.Future[tuple[list[Outcome], set[int | None]]]:
+        # The executor's future itself: no task and no coroutine per write.
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._write, node, busy, arrivals, answers)
 
     async def heartbeat(self, node: int) -> None:
         await self._run(
@@ -323,7 +293,6 @@ class SQLiteBackend:
             await self._run(self._close, node)
         finally:
             self._executor.shutdown(wait=False)
-            self._syncer.shutdown(wait=False)
 
 
 @contextlib.contextmanager
