@@ -24,7 +24,7 @@ from hl7bridge.journal import Journal, JournalError, Message, parse_key, redact
 from hl7bridge.receiver import AbstractHL7Receiver, MessageContainer
 from hl7bridge.session import Settings
 from hl7bridge.testing import asyncio_test
-from tests.support import ENGINES, FACES, Peer, frame, listening, message, msa
+from tests.support import ENGINES, FACES, Peer, frame, listening, message, msa, on_postgres
 from tests.test_cli import SCRIPT, Server, mllp_send
 
 SECRET = "PID|1||90210||JOURNALSECRET^PATIENT\r"
@@ -348,3 +348,18 @@ async def test_an_sqlite_journal_may_trade_power_cut_safety_for_speed(tmp_path: 
         await peer.close()
     assert receiver.handled == ["N1"]
     assert (await journaled(url))["N1"].ack == first
+
+
+@asyncio_test
+async def test_nodes_starting_at_once_on_a_new_schema_all_open(postgres_url: str) -> None:
+    # The first start of several nodes (a deployment, a restart of all): each creates the schema if missing.
+    for attempt in range(5):
+        url = postgres_url.replace("schema=", f"schema=a{attempt}_")
+        journals = [Journal(url) for _ in range(4)]
+        try:
+            await asyncio.gather(*(journal.open() for journal in journals))
+            assert len({journal.node for journal in journals}) == 4
+        finally:
+            for journal in journals:
+                await journal.close()
+            on_postgres(f'DROP SCHEMA IF EXISTS "{url.split("schema=")[1]}" CASCADE')

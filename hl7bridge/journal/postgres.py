@@ -155,7 +155,11 @@ class PostgresBackend:
             # The schema must exist before a pool whose search_path names it is used.
             connection = await asyncpg.connect(self.dsn)
             try:
-                await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                # IF NOT EXISTS does not keep two nodes starting at once from both
+                # creating it: the lock makes the second wait and find it there.
+                async with connection.transaction():
+                    await connection.execute("SELECT pg_advisory_xact_lock(hashtext('hl7bridge_journal_schema'))")
+                    await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             finally:
                 await connection.close()
         pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, server_settings=settings)
