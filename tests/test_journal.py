@@ -363,3 +363,19 @@ async def test_nodes_starting_at_once_on_a_new_schema_all_open(postgres_url: str
             for journal in journals:
                 await journal.close()
             on_postgres(f'DROP SCHEMA IF EXISTS "{url.split("schema=")[1]}" CASCADE')
+
+
+@asyncio_test
+async def test_a_journal_that_cannot_be_opened_yet_is_tried_again(tmp_path: Path) -> None:
+    # MLLPFactory opens its journal at the first message: the folder is not there yet.
+    url = f"sqlite:///{tmp_path}/later/journal.db"
+    receiver = Counting()
+    async with listening("twisted", receiver, journal=url) as port:
+        peer = await Peer.connect(port)
+        await peer.send(frame(text("O1").encode()))
+        assert msa((await peer.reply()).decode())[1:3] == ["AR", "O1"]
+        (tmp_path / "later").mkdir()
+        await peer.send(frame(text("O1").encode()))
+        assert msa((await peer.reply()).decode())[1:3] == ["AA", "O1"]
+        await peer.close()
+    assert receiver.handled == ["O1"]

@@ -341,6 +341,8 @@ class Journal:
     async def open(self) -> None:
         """Connect, create or migrate the schema, start the heartbeat and the purge (once; later calls wait for it).
 
+        If it fails, a later call tries again.
+
         Raises:
             Exception: what the database driver raised (unreachable, no permission).
         """
@@ -353,6 +355,7 @@ class Journal:
             except BaseException as exc:
                 self._opening.set_exception(exc)
                 self._opening.exception()  # retrieved: the caller gets it
+                self._opening = None  # the next write tries again: the database may be back
                 raise
             self._opening.set_result(self.node)
             self._spawn(self._keep_alive())

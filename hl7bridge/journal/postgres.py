@@ -153,7 +153,7 @@ class PostgresBackend:
         settings = {"search_path": self.schema} if self.schema else None
         if self.schema:
             # The schema must exist before a pool whose search_path names it is used.
-            connection = await asyncpg.connect(self.dsn)
+            connection = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
             try:
                 # IF NOT EXISTS does not keep two nodes starting at once from both
                 # creating it: the lock makes the second wait and find it there.
@@ -162,14 +162,18 @@ class PostgresBackend:
                     await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             finally:
                 await connection.close()
-        pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, server_settings=settings)
+        pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=2, server_settings=settings, timeout=CONNECT_TIMEOUT
+        )
         try:
             async with pool.acquire() as connection, connection.transaction():
                 # One process at a time creates or migrates the schema.
                 await connection.execute("SELECT pg_advisory_xact_lock(hashtext('hl7bridge_journal_schema'))")
                 await _migrate(connection)
             quick = {**(settings or {}), "synchronous_commit": "off"}
-            self._arrivals = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, server_settings=quick)
+            self._arrivals = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=2, server_settings=quick, timeout=CONNECT_TIMEOUT
+            )
         except BaseException:
             await pool.close()
             raise
@@ -322,6 +326,9 @@ class PostgresBackend:
             await self._arrivals.close()
             self._pool = self._arrivals = None
 
+
+#: Seconds to wait for PostgreSQL to accept a connection.
+CONNECT_TIMEOUT = 10.0
 
 #: Tries of a statement (or transaction) that PostgreSQL aborted to break a deadlock.
 DEADLOCK_TRIES = 3
