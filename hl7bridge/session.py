@@ -48,6 +48,7 @@ from hl7bridge.journal import (
     Arrival,
     Journal,
     Recorded,
+    check_retention,
     check_url,
     parse_key,
 )
@@ -184,8 +185,10 @@ class Settings:
             parse_key(self.journal_key)
         except ValueError as exc:
             raise ValueError(f"journal_key {exc}") from None
-        if self.journal_retention <= 0:
-            raise ValueError("journal_retention must be more than 0 days")
+        try:
+            check_retention(self.journal_retention)
+        except ValueError as exc:
+            raise ValueError(f"journal_retention {exc}") from None
 
     @classmethod
     def take(cls, options: dict[str, Any]) -> Settings:

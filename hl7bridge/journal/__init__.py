@@ -89,6 +89,23 @@ def parse_key(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(numbers))
 
 
+def check_retention(days: float) -> None:
+    """Raise :class:`JournalError` unless ``days`` is a retention a journal can keep."""
+    if days <= 0:
+        raise JournalError("must be more than 0 days")
+
+
+def upgrade_steps(version: int, migrations: dict[int, str]) -> list[str]:
+    """The migrations, in order, that take a journal of schema ``version`` to :data:`SCHEMA_VERSION`.
+
+    Raises:
+        JournalError: the journal was written by a newer hl7bridge.
+    """
+    if version > SCHEMA_VERSION:
+        raise JournalError(f"the journal has schema version {version}, newer than this hl7bridge's {SCHEMA_VERSION}")
+    return [migrations[number] for number in range(version + 1, SCHEMA_VERSION + 1)]
+
+
 @dataclass(frozen=True)
 class Recorded:
     """The answer a message's key already has in the journal (``ack`` None: it was not answered)."""
@@ -198,6 +215,11 @@ class Outcome:
     id: int | None = None
     recorded: Recorded | None = None
 
+    @classmethod
+    def replay(cls, row: Existing) -> Outcome:
+        """Send ``row``'s recorded answer again."""
+        return cls(REPLAY, recorded=Recorded(row.ack, row.code or "none"))
+
 
 NEW = "new"
 
@@ -271,11 +293,12 @@ class Backend(Protocol):
     def write(
         self, node: int, busy: set[str], arrivals: list[Arrival], answers: list[Answered]
     ) -> Awaitable[tuple[list[Outcome], set[int | None]]]:
-        """Commit ``answers``, then begin ``arrivals``, in one transaction.
+        """Commit ``answers`` and begin ``arrivals`` (in one transaction, or one statement each).
 
+        ``busy`` holds the keys this node is handling (see :func:`decide`).
         Returns one outcome per arrival (:func:`decide` for keys already
-        taken; ``busy`` grows by the keys begun), and the row ids of answers
-        not written because another node has taken their message over.
+        taken), and the row ids of answers not written because another node
+        has taken their message over.
         """
 
     async def heartbeat(self, node: int) -> None:
@@ -310,8 +333,10 @@ class Journal:
     def __init__(self, url: str, key: str = DEFAULT_KEY, retention_days: float = DEFAULT_RETENTION_DAYS) -> None:
         self.url = url
         self.key_fields = parse_key(key)
-        if retention_days <= 0:
-            raise JournalError("retention must be more than 0 days")
+        try:
+            check_retention(retention_days)
+        except JournalError as exc:
+            raise JournalError(f"retention {exc}") from None
         self.retention = timedelta(days=retention_days)
         self.backend = backend_for(url)
         self.node: int | None = None

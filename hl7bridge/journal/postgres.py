@@ -41,9 +41,9 @@ from hl7bridge.journal import (
     Message,
     Node,
     Outcome,
-    Recorded,
     decide,
     redact,
+    upgrade_steps,
 )
 
 T = TypeVar("T")
@@ -98,6 +98,9 @@ ORDER BY key
 ON CONFLICT (key) DO NOTHING
 RETURNING id, key
 """
+
+# Held while a node creates or migrates the journal's schema.
+_SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('hl7bridge_journal_schema'))"
 
 _ANSWER = """
 UPDATE hl7bridge_journal_messages AS m SET ack = a.ack, ack_code = a.code, answered_at = now()
@@ -158,7 +161,7 @@ class PostgresBackend:
                 # IF NOT EXISTS does not keep two nodes starting at once from both
                 # creating it: the lock makes the second wait and find it there.
                 async with connection.transaction():
-                    await connection.execute("SELECT pg_advisory_xact_lock(hashtext('hl7bridge_journal_schema'))")
+                    await connection.execute(_SCHEMA_LOCK)
                     await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             finally:
                 await connection.close()
@@ -168,7 +171,7 @@ class PostgresBackend:
         try:
             async with pool.acquire() as connection, connection.transaction():
                 # One process at a time creates or migrates the schema.
-                await connection.execute("SELECT pg_advisory_xact_lock(hashtext('hl7bridge_journal_schema'))")
+                await connection.execute(_SCHEMA_LOCK)
                 await _migrate(connection)
             quick = {**(settings or {}), "synchronous_commit": "off"}
             self._arrivals = await asyncpg.create_pool(
@@ -225,16 +228,14 @@ class PostgresBackend:
         counts = Counter(arrival.key for arrival in arrivals)
         taken = [key for key, count in counts.items() if key not in inserted or count > 1]
         if not taken:
-            busy.update(inserted)
             return [Outcome(NEW, inserted[arrival.key]) for arrival in arrivals]
 
         async def decide_all() -> list[Outcome]:
+            # Copies: a try that PostgreSQL aborted must leave them as they were.
             async with self._arrivals.acquire() as connection, connection.transaction():
                 return await self._decide(connection, node, set(busy), arrivals, dict(inserted), taken)
 
-        outcomes = await _retried(decide_all)
-        busy.update(arrival.key for arrival, outcome in zip(arrivals, outcomes, strict=True) if outcome.action == NEW)
-        return outcomes
+        return await _retried(decide_all)
 
     async def _decide(
         self,
@@ -275,7 +276,7 @@ class PostgresBackend:
                 continue
             action = decide(existing, node, busy, key, owners.get(existing.node) if existing.node else None)
             if action == REPLAY:
-                outcomes.append(Outcome(REPLAY, recorded=Recorded(existing.ack, existing.code or "none")))
+                outcomes.append(Outcome.replay(existing))
             elif action == CLAIM:
                 await connection.execute(
                     _CLAIM,
@@ -359,8 +360,6 @@ async def _migrate(connection: Any) -> None:
         await connection.execute("INSERT INTO hl7bridge_journal_schema (version) VALUES ($1)", SCHEMA_VERSION)
         return
     version = await connection.fetchval("SELECT version FROM hl7bridge_journal_schema")
-    if version > SCHEMA_VERSION:
-        raise JournalError(f"the journal has schema version {version}, newer than this hl7bridge's {SCHEMA_VERSION}")
-    for number in range(version + 1, SCHEMA_VERSION + 1):
-        await connection.execute(MIGRATIONS[number])
+    for step in upgrade_steps(version, MIGRATIONS):
+        await connection.execute(step)
     await connection.execute("UPDATE hl7bridge_journal_schema SET version = $1", SCHEMA_VERSION)

@@ -43,8 +43,8 @@ from hl7bridge.journal import (
     Message,
     Node,
     Outcome,
-    Recorded,
     decide,
+    upgrade_steps,
 )
 
 T = TypeVar("T")
@@ -141,12 +141,10 @@ class SQLiteBackend:
         db.execute("PRAGMA busy_timeout = 10000")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")  # the sync of answers is the backend's (see above)
-        db.execute("BEGIN IMMEDIATE")
         try:
-            _migrate(db)
-            db.execute("COMMIT")
+            with _transaction(db):
+                _migrate(db)
         except BaseException:
-            db.execute("ROLLBACK")
             db.close()
             raise
         self._db = db
@@ -214,7 +212,7 @@ class SQLiteBackend:
         owner = self._node(db, existing.node) if not existing.answered and existing.node is not None else None
         action = decide(existing, node, busy, arrival.key, owner)
         if action == REPLAY:
-            return Outcome(REPLAY, recorded=Recorded(existing.ack, existing.code or "none"))
+            return Outcome.replay(existing)
         if action == CLAIM:
             db.execute(
                 "UPDATE hl7bridge_journal_messages SET node = ?, received_at = ?, listener = ?, peer = ?, raw = ?, "
@@ -320,10 +318,8 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute("INSERT INTO hl7bridge_journal_schema (version) VALUES (?)", (SCHEMA_VERSION,))
         return
     (version,) = db.execute("SELECT version FROM hl7bridge_journal_schema").fetchone()
-    if version > SCHEMA_VERSION:
-        raise JournalError(f"the journal has schema version {version}, newer than this hl7bridge's {SCHEMA_VERSION}")
-    for number in range(version + 1, SCHEMA_VERSION + 1):
-        for statement in MIGRATIONS[number].split(";"):
+    for step in upgrade_steps(version, MIGRATIONS):
+        for statement in step.split(";"):
             if statement.strip():
                 db.execute(statement)
     db.execute("UPDATE hl7bridge_journal_schema SET version = ?", (SCHEMA_VERSION,))
