@@ -57,8 +57,8 @@ NO_HEADER = Rejection("AR", "no readable MSH segment", "100", "Segment sequence 
 ANSWERABLE = frozenset({MISSING_MESSAGE_TYPE, MISSING_ENCODING_CHARACTERS})
 
 
-#: Fields of MSH an ACK reads; a shorter MSH is padded with empty fields up to here.
-_PADDED = 20
+#: Fields of MSH an ACK or a journal key reads (MSH-21 at most); a shorter MSH is padded with empty fields up to here.
+_PADDED = 22
 
 
 class Header:
@@ -69,7 +69,7 @@ class Header:
     end of the segment is "".
     """
 
-    __slots__ = ("_padded", "component_separator", "field_separator", "fields", "repetition_separator", "segment")
+    __slots__ = ("component_separator", "field_separator", "fields", "padded", "repetition_separator", "segment")
 
     def __init__(self, segment: str, fields: tuple[str, ...]) -> None:
         self.segment = segment
@@ -78,9 +78,10 @@ class Header:
         encoding = fields[1] if len(fields) > 1 else ""
         self.component_separator = encoding[0] if encoding else "^"
         self.repetition_separator = encoding[1] if len(encoding) > 1 else "~"
-        # Index n holds MSH-n: MSH-1 is the separator, which split() leaves out.
+        # Index n holds MSH-n: MSH-1 is the separator, which split() leaves out;
+        # "" up to MSH-20 where the segment is shorter.
         padded = ("", self.field_separator, *fields[1:])
-        self._padded = padded + ("",) * (_PADDED - len(padded)) if len(padded) < _PADDED else padded
+        self.padded = padded + ("",) * (_PADDED - len(padded)) if len(padded) < _PADDED else padded
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Header) and other.segment == self.segment
@@ -93,7 +94,7 @@ class Header:
 
     def field(self, number: int) -> str:
         """MSH-``number`` as text, or "" where the segment is shorter."""
-        padded = self._padded
+        padded = self.padded
         return padded[number] if number < len(padded) else ""
 
     def component(self, number: int, component: int) -> str:
@@ -112,14 +113,14 @@ class Header:
     @property
     def message_type(self) -> str:
         """MSH-9.1 and MSH-9.2 as ``"ADT^A01"`` (or ``"ADT"``), for logs and routing."""
-        value = self._padded[9].split(self.repetition_separator, 1)[0]
+        value = self.padded[9].split(self.repetition_separator, 1)[0]
         parts = value.split(self.component_separator, 2)
         return f"{parts[0]}^{parts[1]}" if len(parts) > 1 and parts[1] else parts[0]
 
     @property
     def control_id(self) -> str:
         """MSH-10, the id the sender expects back in MSA-2."""
-        return self._padded[10]
+        return self.padded[10]
 
 
 #: Segments a block may start with: a message, or a batch (file or batch header).
@@ -249,7 +250,7 @@ def build_ack(
         raise ValueError(f"{code!r} is not an HL7 acknowledgment code ({sorted(ACK_CODES)})")
     sep = header.field_separator
     comp = header.component_separator
-    f = header._padded
+    f = header.padded
     msh = sep.join(
         (
             "MSH",

@@ -664,7 +664,7 @@ class Session:
             # Handled even if the connection has gone meanwhile: the journal
             # has it, and a retransmission will get the answer.
             answer.arrival = arrival
-            reply = self.dispatch(arrival.raw, answer)
+            reply = self.dispatch(arrival.raw, answer, arrival.header)
             if not isinstance(reply, Answer) and not answer.done:
                 answer.settle(reply)
             elif self._closed and answer.task is not None:
@@ -674,10 +674,12 @@ class Session:
         """The AR for a message the journal could not keep (or whose answer it could not)."""
         return self._nak(arrival.raw, ack.JOURNAL_UNAVAILABLE, self.engine.codec_for(arrival.raw))
 
-    def dispatch(self, block: bytes, answer: Answer | None = None) -> Reply:
+    def dispatch(self, block: bytes, answer: Answer | None = None, header: ack.Header | None = None) -> Reply:
         """Decode, parse and handle one block; return its reply.
 
-        An answer still to come settles ``answer`` if one is given (a new one if not).
+        An answer still to come settles ``answer`` if one is given (a new one if
+        not). ``header`` is the block's MSH as read when it arrived, without
+        fault; it is used again where the decoded block starts with that segment.
         """
         self._header = None
         codec = self.engine.codec_for(block)
@@ -686,7 +688,10 @@ class Session:
         except UnicodeDecodeError as exc:
             self._problem("undecodable message", "message does not decode as %s (byte %d)", codec[0], exc.start)
             return self._nak(block, ack.UNDECODABLE, codec)
-        if text.startswith(ack.BLOCK_HEADERS) or text.lstrip()[:3] in ack.BLOCK_HEADERS:
+        end = len(header.segment) if header is not None else 0
+        if header is not None and text.startswith(header.segment) and text[end : end + 1] in ("\r", "\n", ""):
+            self._header = header  # the MSH read when the block arrived: the same segment
+        elif text.startswith(ack.BLOCK_HEADERS) or text.lstrip()[:3] in ack.BLOCK_HEADERS:
             # An HL7 message: hl7bridge may have to answer it, so its MSH must
             # identify it (HL7 v2.5 section 2.14.9: MSH-9 and MSH-10 are required).
             header = self._header = ack.read_header(text)

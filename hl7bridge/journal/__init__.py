@@ -22,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import operator
 import os
 import socket
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from twisted.python.failure import Failure
 
@@ -36,6 +38,8 @@ from hl7bridge import failures
 from hl7bridge.ack import Header
 
 log = logging.getLogger("hl7bridge.journal")
+
+T = TypeVar("T")
 
 #: The schema version this hl7bridge writes; older journals are migrated on open.
 SCHEMA_VERSION = 1
@@ -126,6 +130,7 @@ class Arrival:
         "begun",
         "control_id",
         "facility",
+        "header",
         "id",
         "journal",
         "key",
@@ -139,6 +144,7 @@ class Arrival:
 
     def __init__(self, key: str, header: Header, raw: bytes, listener: str, peer: str) -> None:
         self.key = key
+        self.header = header
         self.raw = raw
         self.listener = listener
         self.peer = peer
@@ -146,7 +152,7 @@ class Arrival:
         self.facility = header.field(4)
         self.message_type = header.message_type
         self.control_id = header.control_id
-        self.received = datetime.now(timezone.utc)
+        self.received = time.time()  # seconds since the epoch
         self.id: int | None = None  # its row, once begun
         self.begun: Callable[[Recorded | None], None] | None = None
         self.journal: Journal | None = None  # the journal it was begun in
@@ -279,10 +285,11 @@ PENDING_SQL = (
 
 
 class Backend(Protocol):
-    """What a database does for a :class:`Journal`; every method runs on the event loop."""
+    """What a database does for a :class:`Journal`; every method is called on the event loop."""
 
-    #: Writes the journal lets run at once (more overlap round trips, fewer make bigger groups).
-    concurrency: int
+    #: Begins, and answers, that the journal lets run at once (None: no limit,
+    #: the backend groups what it is given). More overlap round trips; fewer make bigger groups.
+    concurrency: int | None
 
     async def connect(self) -> None:
         """Connect; create the schema, or migrate an older one."""
@@ -290,16 +297,18 @@ class Backend(Protocol):
     async def register(self, host: str, pid: int) -> int:
         """Register this process as a node writing to the journal; its node id."""
 
-    def write(
-        self, node: int, busy: set[str], arrivals: list[Arrival], answers: list[Answered]
-    ) -> Awaitable[tuple[list[Outcome], set[int | None]]]:
-        """Commit ``answers`` and begin ``arrivals`` (in one transaction, or one statement each).
+    def begin(self, node: int, busy: set[str], arrivals: list[Arrival], done: Callable[[Any], None]) -> None:
+        """Journal ``arrivals``; ``done`` is called on the loop with one outcome each, in order, or the exception.
 
-        ``busy`` holds the keys this node is handling (see :func:`decide`).
-        Returns one outcome per arrival (:func:`decide` for keys already
-        taken), and the row ids of answers not written because another node
-        has taken their message over.
+        Outcomes are :func:`decide`'s for keys already taken. ``busy`` holds the
+        keys this node is handling (see :func:`decide`); the backend adds the
+        keys it begins. An outcome that sends a recorded answer again comes only
+        once that answer is as durable as a committed one.
         """
+
+    def answer(self, node: int, answers: list[Answered], done: Callable[[Any], None]) -> None:
+        """Commit ``answers``, durably; ``done`` is called on the loop with the row ids of those not written
+        (another node took the message over), or the exception."""
 
     async def heartbeat(self, node: int) -> None:
         """This node is alive."""
@@ -333,6 +342,8 @@ class Journal:
     def __init__(self, url: str, key: str = DEFAULT_KEY, retention_days: float = DEFAULT_RETENTION_DAYS) -> None:
         self.url = url
         self.key_fields = parse_key(key)
+        fields = operator.itemgetter(*self.key_fields)
+        self._key: Callable[[Header], tuple[str, ...]] = lambda header: fields(header.padded)
         try:
             check_retention(retention_days)
         except JournalError as exc:
@@ -345,7 +356,8 @@ class Journal:
         self._arrivals: list[Arrival] = []
         self._answers: list[Answered] = []
         self._scheduled = False
-        self._writing = 0
+        self._beginnings = 0  # begin writes under way
+        self._answerings = 0  # answer writes under way
         self._busy: dict[str, Arrival] = {}  # keys being handled here: begun, answer not committed
         self._beginning: Counter[str] = Counter()  # keys of arrivals in writes under way
         self._waiting: dict[str, list[Arrival]] = {}  # arrivals waiting for a key's answer
@@ -361,7 +373,7 @@ class Journal:
         """The key of a message with this MSH; None when its control id is empty (it is not journaled)."""
         if not header.control_id:
             return None
-        return _KEY_JOIN.join(header.field(number) for number in self.key_fields)
+        return _KEY_JOIN.join(self._key(header))
 
     async def open(self) -> None:
         """Connect, create or migrate the schema, start the heartbeat and the purge (once; later calls wait for it).
@@ -413,24 +425,29 @@ class Journal:
 
     def _flush(self) -> None:
         self._scheduled = False
-        if not (self._arrivals or self._answers) or self._writing >= self.backend.concurrency:
-            return  # what is queued goes with the next write, when the one running ends
         if self.node is None:
-            # Not opened by its listener first: open it, then write what waits.
-            if not self._opening_first:
-                self._opening_first = True
-                self._spawn(self._open_first())
+            if self._arrivals or self._answers:
+                # Not opened by its listener first: open it, then write what waits.
+                if not self._opening_first:
+                    self._opening_first = True
+                    self._spawn(self._open_first())
             return
-        arrivals, answers = self._arrivals, self._answers
-        self._arrivals, self._answers = [], []
-        self._writing += 1
-        # A write under way may begin these keys: another must not take them for stranded.
-        busy = set(self._busy).union(self._beginning)
-        self._beginning.update(arrival.key for arrival in arrivals)
-        # A callback, not a task per write: the loop's own work per message counts.
-        written = asyncio.ensure_future(self.backend.write(self.node, busy, arrivals, answers))
-        self._tasks.add(written)
-        written.add_done_callback(functools.partial(self._written, arrivals, answers))
+        limit = self.backend.concurrency
+        # Arrivals and answers go separately: a new message need not wait for
+        # the disk sync that answers wait for. What waits for a write to end
+        # goes with the next one.
+        if self._arrivals and (limit is None or self._beginnings < limit):
+            arrivals, self._arrivals = self._arrivals, []
+            self._beginnings += 1
+            # A write under way may begin these keys: another must not take them for stranded.
+            busy = set(self._busy).union(self._beginning)
+            self._beginning.update(arrival.key for arrival in arrivals)
+            # A callback, not a task or a future per write: the loop's own work per message counts.
+            self.backend.begin(self.node, busy, arrivals, functools.partial(self._begun, arrivals))
+        if self._answers and (limit is None or self._answerings < limit):
+            answers, self._answers = self._answers, []
+            self._answerings += 1
+            self.backend.answer(self.node, answers, functools.partial(self._answered, answers))
 
     async def _open_first(self) -> None:
         try:
@@ -439,41 +456,47 @@ class Journal:
             arrivals, answers = self._arrivals, self._answers
             self._arrivals, self._answers = [], []
             self._report_failure(len(arrivals) + len(answers))
-            self._settle_all(arrivals, answers, None, set())
+            for arrival in arrivals:
+                self._settle(arrival, None)
+            self._commit_all(answers, None)
         finally:
             self._opening_first = False
         self._schedule()
 
-    def _written(self, arrivals: list[Arrival], answers: list[Answered], written: asyncio.Future[Any]) -> None:
-        self._tasks.discard(written)
-        self._writing -= 1
+    def _begun(self, arrivals: list[Arrival], begun: list[Outcome] | BaseException) -> None:
+        self._beginnings -= 1
         self._beginning.subtract(arrival.key for arrival in arrivals)
         self._beginning += Counter()  # drops the keys counted down to 0
-        try:
-            outcomes, lost = written.result()
-        except Exception:
-            outcomes, lost = None, set()
-            self._report_failure(len(arrivals) + len(answers))
-        else:
-            if self._failing:
-                self._failing = False
-                log.warning("journal %s: writing again", redact(self.url))
-        if self._arrivals or self._answers:
+        outcomes = self._result(begun, len(arrivals))
+        if self._arrivals:
             self._schedule()
-        self._settle_all(arrivals, answers, outcomes, lost)
-
-    def _settle_all(
-        self, arrivals: list[Arrival], answers: list[Answered], outcomes: list[Outcome] | None, lost: set[int | None]
-    ) -> None:
-        """Tell each arrival what to do, and each answer whether it was committed (None: the write failed)."""
         for index, arrival in enumerate(arrivals):
             self._settle(arrival, outcomes[index] if outcomes is not None else None)
+
+    def _answered(self, answers: list[Answered], answered: set[int | None] | BaseException) -> None:
+        self._answerings -= 1
+        if self._answers:
+            self._schedule()
+        self._commit_all(answers, self._result(answered, len(answers)))
+
+    def _result(self, written: T | BaseException, count: int) -> T | None:
+        """A write's result, or None (reported) if it failed."""
+        if isinstance(written, BaseException):
+            self._report_failure(count, written)
+            return None
+        if self._failing:
+            self._failing = False
+            log.warning("journal %s: writing again", redact(self.url))
+        return written
+
+    def _commit_all(self, answers: list[Answered], lost: set[int | None] | None) -> None:
+        """Tell each answer whether it was committed (``lost`` None: the write failed)."""
         for answered in answers:
             key = answered.arrival.key
             if self._busy.get(key) is answered.arrival:
                 del self._busy[key]
-            self._wake(key)  # copies that came meanwhile, in this write too
-            answered.committed(outcomes is not None and answered.arrival.id not in lost)
+            self._wake(key)  # copies that came meanwhile
+            answered.committed(lost is not None and answered.arrival.id not in lost)
 
     def _settle(self, arrival: Arrival, outcome: Outcome | None) -> None:
         begun = arrival.begun
@@ -502,9 +525,9 @@ class Journal:
             self._arrivals.extend(waiting)
             self._schedule()
 
-    def _report_failure(self, count: int) -> None:
+    def _report_failure(self, count: int, error: BaseException | None = None) -> None:
         # Driver errors may quote values (a key, a control id): the type and place only.
-        summary = failures.summary(Failure())
+        summary = failures.summary(Failure(error) if error is not None else Failure())
         if not self._failing:
             self._failing = True
             log.error(
@@ -574,8 +597,8 @@ class Journal:
             await self.backend.close(None)
             return
         self._closing = True  # copies still waiting for an answer are let go: their connections are closed
-        while self._arrivals or self._answers or self._writing:
-            if self._writing < self.backend.concurrency and not self._scheduled:
+        while self._arrivals or self._answers or self._beginnings or self._answerings:
+            if not self._scheduled:
                 self._flush()
             await asyncio.sleep(0.01)
         for task in list(self._tasks):

@@ -19,10 +19,12 @@ settings such as ``synchronous_commit``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import re
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -116,6 +118,10 @@ WHERE id = $1
 """
 
 
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
 def _message(row: Any) -> Message:
     return Message(*(row[column] for column in MESSAGE_COLUMNS.split(", ")))
 
@@ -123,14 +129,19 @@ def _message(row: Any) -> Message:
 class PostgresBackend:
     """A journal in a PostgreSQL database, shared by every listener given its URL."""
 
-    #: Writes at once: while one group waits for its commit, the next is sent.
-    concurrency = 2
+    #: Begins, and answers, at once (each pool's connections): while one group
+    #: waits for its commit, the next is sent.
+    concurrency: int | None = 2
 
     def __init__(self, dsn: str, schema: str | None) -> None:
         self.dsn = dsn
         self.schema = schema
         self._pool: Any = None  # answers: durable before the ACK is sent
         self._arrivals: Any = None  # arrivals: synchronous_commit off
+        self._writing: set[asyncio.Future[Any]] = set()
+        # Connections kept out of their pools for the writes: a pool resets a
+        # connection it gets back, one more round trip per write.
+        self._held: dict[Any, list[Any]] = {}
 
     @classmethod
     def from_url(cls, url: str) -> PostgresBackend:
@@ -165,8 +176,9 @@ class PostgresBackend:
                     await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             finally:
                 await connection.close()
+        # The writes' connections (see concurrency), and one for the rest (heartbeats, commands).
         pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=2, server_settings=settings, timeout=CONNECT_TIMEOUT
+            self.dsn, min_size=1, max_size=3, server_settings=settings, timeout=CONNECT_TIMEOUT
         )
         try:
             async with pool.acquire() as connection, connection.transaction():
@@ -188,12 +200,20 @@ class PostgresBackend:
         )
         return int(node)
 
-    async def write(
-        self, node: int, busy: set[str], arrivals: list[Arrival], answers: list[Answered]
-    ) -> tuple[list[Outcome], set[int | None]]:
-        # One statement (one round trip) each, on their own connections at once.
-        outcomes, lost = await asyncio.gather(self._begin(node, busy, arrivals), self._answer(node, answers))
-        return outcomes, lost
+    def begin(self, node: int, busy: set[str], arrivals: list[Arrival], done: Callable[[Any], None]) -> None:
+        self._spawn(self._begin(node, busy, arrivals), done)
+
+    def answer(self, node: int, answers: list[Answered], done: Callable[[Any], None]) -> None:
+        self._spawn(self._answer(node, answers), done)
+
+    def _spawn(self, write: Coroutine[Any, Any, Any], done: Callable[[Any], None]) -> None:
+        task = asyncio.ensure_future(write)
+        self._writing.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(functools.partial(self._written, done))
+
+    def _written(self, done: Callable[[Any], None], task: asyncio.Future[Any]) -> None:
+        self._writing.discard(task)
+        done(asyncio.CancelledError() if task.cancelled() else task.exception() or task.result())
 
     async def _answer(self, node: int, answers: list[Answered]) -> set[int | None]:
         if not answers:
@@ -201,7 +221,8 @@ class PostgresBackend:
         ids = [answered.arrival.id for answered in answers]
         acks = [answered.ack for answered in answers]
         codes = [answered.code for answered in answers]
-        written = await _retried(lambda: self._pool.fetch(_ANSWER, ids, acks, codes, node))
+        async with self._connection(self._pool) as connection:
+            written = await _retried(lambda: connection.fetch(_ANSWER, ids, acks, codes, node))
         return set(ids) - {row["id"] for row in written}
 
     async def _begin(self, node: int, busy: set[str], arrivals: list[Arrival]) -> list[Outcome]:
@@ -211,7 +232,7 @@ class PostgresBackend:
         for arrival in arrivals:
             values = (
                 arrival.key,
-                arrival.received,
+                _utc(arrival.received),
                 arrival.listener,
                 arrival.peer,
                 arrival.sender,
@@ -222,7 +243,13 @@ class PostgresBackend:
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
-        rows = await _retried(lambda: self._arrivals.fetch(_INSERT, *columns, node))
+        async with self._connection(self._arrivals) as connection:
+            return await self._begin_on(connection, node, busy, arrivals, columns)
+
+    async def _begin_on(
+        self, connection: Any, node: int, busy: set[str], arrivals: list[Arrival], columns: list[list[Any]]
+    ) -> list[Outcome]:
+        rows = await _retried(lambda: connection.fetch(_INSERT, *columns, node))
         inserted = {row["key"]: row["id"] for row in rows}
         # Keys inserted by another transaction, and keys that came twice in this group.
         counts = Counter(arrival.key for arrival in arrivals)
@@ -232,7 +259,7 @@ class PostgresBackend:
 
         async def decide_all() -> list[Outcome]:
             # Copies: a try that PostgreSQL aborted must leave them as they were.
-            async with self._arrivals.acquire() as connection, connection.transaction():
+            async with connection.transaction():
                 return await self._decide(connection, node, set(busy), arrivals, dict(inserted), taken)
 
         return await _retried(decide_all)
@@ -282,7 +309,7 @@ class PostgresBackend:
                     _CLAIM,
                     existing.id,
                     node,
-                    arrival.received,
+                    _utc(arrival.received),
                     arrival.listener,
                     arrival.peer,
                     arrival.raw,
@@ -316,9 +343,26 @@ class PostgresBackend:
         status = await self._pool.execute("DELETE FROM hl7bridge_journal_messages WHERE received_at < $1", before)
         return int(status.split()[-1])
 
+    @contextlib.asynccontextmanager
+    async def _connection(self, pool: Any) -> AsyncIterator[Any]:
+        """A connection of ``pool`` kept for writes: taken from those kept, or from the pool the first times."""
+        held = self._held.setdefault(pool, [])
+        connection = held.pop() if held else await pool.acquire()
+        try:
+            yield connection
+        finally:
+            if connection.is_closed():
+                await pool.release(connection)  # the pool opens a new one when asked
+            else:
+                held.append(connection)
+
     async def close(self, node: int | None) -> None:
         if self._pool is None:
             return
+        for pool, held in self._held.items():
+            for connection in held:
+                await pool.release(connection)
+        self._held.clear()
         try:
             if node is not None:
                 await self._pool.execute("UPDATE hl7bridge_journal_nodes SET stopped_at = now() WHERE id = $1", node)

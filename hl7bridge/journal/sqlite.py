@@ -1,13 +1,21 @@
-"""The embedded journal: one SQLite file in WAL mode, written on a thread of its own.
+"""The embedded journal: one SQLite file in WAL mode, written on threads of its own.
+
+Two threads serve the event loop. The writer takes whatever the loop has
+queued, arrivals and answers alike, and writes it in one transaction (group
+commit: the longer a transaction takes, the more the next one carries), with
+one statement for all its arrivals and one for all its answers. The syncer
+makes committed answers durable before their ACKs are let go, and meanwhile
+the writer goes on with new arrivals: a message never waits for another's
+disk sync to be handled.
 
 Durability: what ``synchronous=FULL`` gives, an ACK sent survives a power cut,
 not only a killed process. FULL is ``synchronous=NORMAL`` plus a sync of the
 write-ahead log after each commit, and that is how it is done here: every
 transaction commits with NORMAL (it survives a killed process: the operating
-system has it), and one that commits answers is followed by a sync of the
-write-ahead log, after its write lock is released, before its ACKs are let go.
-A transaction of arrivals alone is not synced: a message whose arrival a power
-cut loses was never acknowledged.
+system has it), and the syncer syncs the write-ahead log after a transaction
+that commits answers, before their ACKs are let go; one sync covers every
+transaction committed before it began. A transaction of arrivals alone is not
+synced: a message whose arrival a power cut loses was never acknowledged.
 ``sqlite:///file.db?synchronous=normal`` leaves the sync out: ACKs then survive
 a killed process but not a power cut.
 
@@ -20,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -97,16 +107,104 @@ def _message(row: tuple[Any, ...]) -> Message:
     )  # fmt: skip
 
 
-class SQLiteBackend:
-    """A journal in one SQLite file; every statement runs on the backend's own thread."""
+#: Rows per INSERT or UPDATE statement (SQLite before 3.32 takes at most 999 parameters).
+ROWS_PER_STATEMENT = 64
 
-    #: Writes at once: one runs on the journal's thread while the next is queued for it.
-    concurrency = 2
+# One UPDATE for many answers needs UPDATE ... FROM (SQLite 3.33).
+_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
+
+_sync = getattr(os, "fdatasync", os.fsync)
+
+_ARRIVAL_COLUMNS = (
+    "(id, key, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw, node)"
+)
+
+
+@functools.lru_cache(maxsize=ROWS_PER_STATEMENT)
+def _insert(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return f"INSERT INTO hl7bridge_journal_messages {_ARRIVAL_COLUMNS} VALUES {values} ON CONFLICT (key) DO NOTHING"
+
+
+@functools.lru_cache(maxsize=ROWS_PER_STATEMENT)
+def _update(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?)"] * rows)
+    return (
+        "UPDATE hl7bridge_journal_messages SET ack = answer.column2, ack_code = answer.column3, answered_at = ? "
+        f"FROM (VALUES {values}) AS answer "
+        "WHERE hl7bridge_journal_messages.id = answer.column1 AND node = ? AND answered_at IS NULL"
+    )
+
+
+_UPDATE_ONE = (
+    "UPDATE hl7bridge_journal_messages SET ack = ?, ack_code = ?, answered_at = ? "
+    "WHERE id = ? AND node = ? AND answered_at IS NULL"
+)
+
+
+class _Request:
+    """A begin or an answer handed to the writer, and what becomes of it."""
+
+    __slots__ = ("answers", "arrivals", "busy", "done", "node", "result")
+
+    def __init__(self, node: int, done: Callable[[Any], None]) -> None:
+        self.node = node
+        self.done = done  # called on the loop with the result, or the exception
+        self.busy: set[str] = set()
+        self.arrivals: list[Arrival] = []
+        self.answers: list[Answered] = []
+        self.result: Any = None
+
+
+class _Batches:
+    """Requests put from any thread, handed all at once to ``work`` on ``executor``'s one thread.
+
+    While ``work`` runs, what is put waits and goes with the next call: the
+    slower the work, the bigger the batch. Each call is a job of its own, so
+    other jobs given to the executor meanwhile run between batches.
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor, work: Callable[[list[_Request]], None]) -> None:
+        self._executor = executor
+        self._work = work
+        self._lock = threading.Lock()
+        self._queued: list[_Request] = []
+        self._running = False
+
+    def put(self, *requests: _Request) -> None:
+        with self._lock:
+            self._queued += requests
+            if self._running:
+                return
+            self._running = True
+        self._executor.submit(self._run)
+
+    def _run(self) -> None:
+        with self._lock:
+            batch, self._queued = self._queued, []
+        try:
+            self._work(batch)
+        finally:
+            with self._lock:
+                self._running = bool(self._queued)
+            if self._running:
+                self._executor.submit(self._run)
+
+
+class SQLiteBackend:
+    """A journal in one SQLite file, written by a thread of its own and synced by another."""
+
+    #: No limit: the writer takes what is queued in one transaction.
+    concurrency: int | None = None
 
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
         self.path = path
         self.synced = synchronous == "FULL"  # answers wait for a sync of the write-ahead log
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hl7bridge-journal")
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="hl7bridge-journal-sync")
+        self._writes = _Batches(self._executor, self._write)
+        self._syncs = _Batches(self._syncer, self._sync)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._db: sqlite3.Connection | None = None
         self._wal = -1  # the write-ahead log, opened to sync it
 
@@ -127,7 +225,7 @@ class SQLiteBackend:
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
-    # On the backend's thread
+    # On the writer's thread
 
     def _connect(self) -> None:
         if self._db is not None:
@@ -137,7 +235,7 @@ class SQLiteBackend:
             raise JournalError(f"journal {self.path}: no folder {folder}")
         # Created 0600 before SQLite opens it, whatever the umask.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, cached_statements=256)
         db.execute("PRAGMA busy_timeout = 10000")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")  # the sync of answers is the backend's (see above)
@@ -148,8 +246,15 @@ class SQLiteBackend:
             db.close()
             raise
         self._db = db
-        # There while a connection is open (the migration's commit wrote it).
+        # There while a connection is open (the migration's commit wrote it);
+        # its name in the folder is made durable once, as FULL would.
         self._wal = os.open(self.path + "-wal", os.O_RDONLY)
+        if self.synced:
+            directory = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
 
     def _register(self, host: str, pid: int) -> int:
         assert self._db is not None
@@ -162,48 +267,104 @@ class SQLiteBackend:
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
-    def _write(
-        self, node: int, busy: set[str], arrivals: list[Arrival], answers: list[Answered]
-    ) -> tuple[list[Outcome], set[int | None]]:
-        assert self._db is not None
-        lost = set()
-        with _transaction(self._db) as db:
-            now = time.time()
-            for answered in answers:
-                cursor = db.execute(
-                    "UPDATE hl7bridge_journal_messages SET ack = ?, ack_code = ?, answered_at = ? "
-                    "WHERE id = ? AND node = ? AND answered_at IS NULL",
-                    (answered.ack, answered.code, now, answered.arrival.id, node),
-                )
-                if cursor.rowcount != 1:
-                    lost.add(answered.arrival.id)
-            outcomes = [self._begin(db, node, busy, arrival) for arrival in arrivals]
-        if answers and self.synced:
-            os.fsync(self._wal)  # the lock is released: other processes may write meanwhile
-        return outcomes, lost
+    def _write(self, requests: list[_Request]) -> None:
+        """One transaction for a batch: its answers, then its arrivals."""
+        assert self._db is not None and self._loop is not None
+        try:
+            with _transaction(self._db) as db:
+                node = requests[0].node
+                answers = [answered for request in requests for answered in request.answers]
+                if answers:
+                    lost = self._answer_all(db, node, answers)
+                    for request in requests:
+                        if request.answers:
+                            request.result = lost
+                arrivals = [arrival for request in requests for arrival in request.arrivals]
+                if arrivals:
+                    ids = iter(self._insert_all(db, node, arrivals))
+                    for request in requests:
+                        if request.arrivals:
+                            busy = request.busy
+                            request.result = [
+                                self._outcome(db, node, busy, arrival, next(ids)) for arrival in request.arrivals
+                            ]
+        except Exception as exc:
+            for request in requests:
+                request.result = exc
+            self._loop.call_soon_threadsafe(_deliver, requests)
+            return
+        now, later = requests, list[_Request]()
+        if self.synced:
+            # Answers, and answers sent again, only once on disk.
+            now = []
+            for request in requests:
+                replays = request.arrivals and any(outcome.action == REPLAY for outcome in request.result)
+                (later if request.answers or replays else now).append(request)
+        if now:
+            self._loop.call_soon_threadsafe(_deliver, now)
+        if later:
+            self._syncs.put(*later)
 
-    def _begin(self, db: sqlite3.Connection, node: int, busy: set[str], arrival: Arrival) -> Outcome:
-        received = arrival.received.timestamp()
-        cursor = db.execute(
-            "INSERT INTO hl7bridge_journal_messages (key, received_at, listener, peer, sending_application, "
-            "sending_facility, message_type, control_id, raw, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (key) DO NOTHING",
-            (
-                arrival.key,
-                received,
-                arrival.listener,
-                arrival.peer,
-                arrival.sender,
-                arrival.facility,
-                arrival.message_type,
-                arrival.control_id,
-                arrival.raw,
-                node,
-            ),
-        )
-        if cursor.rowcount == 1:
+    @staticmethod
+    def _answer_all(db: sqlite3.Connection, node: int, answers: list[Answered]) -> set[int | None]:
+        """Write the answers; the ids of those whose message is no longer this node's."""
+        now = time.time()
+        written = 0
+        if _UPDATE_FROM:
+            for start in range(0, len(answers), ROWS_PER_STATEMENT):
+                chunk = answers[start : start + ROWS_PER_STATEMENT]
+                parameters: list[Any] = [now]
+                for answered in chunk:
+                    parameters += (answered.arrival.id, answered.ack, answered.code)
+                parameters.append(node)
+                written += db.execute(_update(len(chunk)), parameters).rowcount
+        else:
+            rows = [(answered.ack, answered.code, now, answered.arrival.id, node) for answered in answers]
+            written = db.executemany(_UPDATE_ONE, rows).rowcount
+        if written == len(answers):
+            return set()
+        ids = [answered.arrival.id for answered in answers]
+        found = db.execute(
+            f"SELECT id FROM hl7bridge_journal_messages WHERE id IN ({', '.join('?' * len(ids))}) "
+            "AND node = ? AND answered_at = ?",
+            (*ids, node, now),
+        ).fetchall()
+        return set(ids) - {row[0] for row in found}
+
+    @staticmethod
+    def _insert_all(db: sqlite3.Connection, node: int, arrivals: list[Arrival]) -> list[int | None]:
+        """Insert the arrivals whose keys are free; each one's new row id, or None where its key is taken."""
+        (top,) = db.execute("SELECT coalesce(max(id), 0) FROM hl7bridge_journal_messages").fetchone()
+        inserted = 0
+        for start in range(0, len(arrivals), ROWS_PER_STATEMENT):
+            chunk = arrivals[start : start + ROWS_PER_STATEMENT]
+            parameters: list[Any] = []
+            for offset, arrival in enumerate(chunk, top + 1 + start):
+                parameters += (
+                    offset,
+                    arrival.key,
+                    arrival.received,
+                    arrival.listener,
+                    arrival.peer,
+                    arrival.sender,
+                    arrival.facility,
+                    arrival.message_type,
+                    arrival.control_id,
+                    arrival.raw,
+                    node,
+                )
+            inserted += db.execute(_insert(len(chunk)), parameters).rowcount
+        ids: list[int | None] = list(range(top + 1, top + 1 + len(arrivals)))
+        if inserted < len(arrivals):
+            found = {row[0] for row in db.execute("SELECT id FROM hl7bridge_journal_messages WHERE id > ?", (top,))}
+            ids = [row if row in found else None for row in ids]
+        return ids
+
+    def _outcome(self, db: sqlite3.Connection, node: int, busy: set[str], arrival: Arrival, id: int | None) -> Outcome:
+        """What becomes of an arrival: new (``id`` its row), or, its key being taken, :func:`decide`'s answer."""
+        if id is not None:
             busy.add(arrival.key)
-            return Outcome(NEW, cursor.lastrowid)
+            return Outcome(NEW, id)
         row = db.execute(
             "SELECT id, node, ack_code, ack, answered_at FROM hl7bridge_journal_messages WHERE key = ?",
             (arrival.key,),
@@ -218,11 +379,31 @@ class SQLiteBackend:
                 "UPDATE hl7bridge_journal_messages SET node = ?, received_at = ?, listener = ?, peer = ?, raw = ?, "
                 "message_type = ?, ack = NULL, ack_code = NULL, answered_at = NULL, attempts = attempts + 1 "
                 "WHERE id = ?",
-                (node, received, arrival.listener, arrival.peer, arrival.raw, arrival.message_type, existing.id),
+                (
+                    node,
+                    arrival.received,
+                    arrival.listener,
+                    arrival.peer,
+                    arrival.raw,
+                    arrival.message_type,
+                    existing.id,
+                ),
             )
             busy.add(arrival.key)
             return Outcome(NEW, existing.id)
         return Outcome(action)
+
+    # On the syncer's thread
+
+    def _sync(self, requests: list[_Request]) -> None:
+        """One sync of the write-ahead log for every transaction committed before it: their answers are durable."""
+        assert self._loop is not None
+        try:
+            _sync(self._wal)
+        except OSError as exc:
+            for request in requests:
+                request.result = exc
+        self._loop.call_soon_threadsafe(_deliver, requests)
 
     @staticmethod
     def _node(db: sqlite3.Connection, node: int) -> Node | None:
@@ -256,16 +437,21 @@ class SQLiteBackend:
     # On the loop
 
     async def connect(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await self._run(self._connect)
 
     async def register(self, host: str, pid: int) -> int:
         return await self._run(self._register, host, pid)
 
-    def write(
-        self, node: int, busy: set[str], arrivals: list[Arrival], answers: list[Answered]
-    ) -> asyncio.Future[tuple[list[Outcome], set[int | None]]]:
-        # The executor's future itself: no task and no coroutine per write.
-        return asyncio.get_running_loop().run_in_executor(self._executor, self._write, node, busy, arrivals, answers)
+    def begin(self, node: int, busy: set[str], arrivals: list[Arrival], done: Callable[[Any], None]) -> None:
+        request = _Request(node, done)
+        request.busy, request.arrivals = busy, arrivals
+        self._writes.put(request)
+
+    def answer(self, node: int, answers: list[Answered], done: Callable[[Any], None]) -> None:
+        request = _Request(node, done)
+        request.answers = answers
+        self._writes.put(request)
 
     async def heartbeat(self, node: int) -> None:
         await self._run(
@@ -288,9 +474,16 @@ class SQLiteBackend:
 
     async def close(self, node: int | None) -> None:
         try:
+            self._syncer.shutdown(wait=True)  # no sync under way on the file closed next
             await self._run(self._close, node)
         finally:
             self._executor.shutdown(wait=False)
+
+
+def _deliver(requests: list[_Request]) -> None:
+    """On the loop: each request's result, or its exception, to its callback."""
+    for request in requests:
+        request.done(request.result)
 
 
 @contextlib.contextmanager
