@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from hl7bridge import ack
-from hl7bridge.journal import Journal, JournalError, Message, parse_key, redact
+from hl7bridge.journal import Arrival, Journal, JournalError, Message, Recorded, parse_key, redact
 from hl7bridge.receiver import AbstractHL7Receiver, MessageContainer
 from hl7bridge.session import Settings
 from hl7bridge.testing import asyncio_test
@@ -379,3 +379,156 @@ async def test_a_journal_that_cannot_be_opened_yet_is_tried_again(tmp_path: Path
         assert msa((await peer.reply()).decode())[1:3] == ["AA", "O1"]
         await peer.close()
     assert receiver.handled == ["O1"]
+
+
+def arrival(journal: Journal, control_id: str) -> Arrival:
+    raw = text(control_id).encode()
+    header = ack.read_header(raw.decode("latin-1"))
+    assert header is not None
+    key = journal.key_of(header)
+    assert key is not None
+    return Arrival(key, header, raw, "tcp:2575", "127.0.0.1:40000")
+
+
+def begin_at_once(journal: Journal, arrivals: list[Arrival]) -> list[asyncio.Future[Recorded | None]]:
+    """Begin every arrival in one turn of the loop (one group); each one's outcome, when it comes."""
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[Recorded | None]] = [loop.create_future() for _ in arrivals]
+    for entry, future in zip(arrivals, futures, strict=True):
+        journal.begin(entry, future.set_result)
+    return futures
+
+
+async def answer_at_once(journal: Journal, answers: list[tuple[Arrival, bytes, str]]) -> list[bool]:
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[bool]] = [loop.create_future() for _ in answers]
+    for (entry, ack_bytes, code), future in zip(answers, futures, strict=True):
+        journal.answer(entry, ack_bytes, code, future.set_result)
+    return await asyncio.gather(*futures)
+
+
+@asyncio_test
+async def test_one_group_of_new_keys_copies_and_answered_keys_gets_each_its_outcome(journal_url: str) -> None:
+    # More than one statement's worth of rows, new keys mixed with keys already
+    # taken: answered AA (sent again), answered AE (handled again), in flight
+    # (waits), and a key that comes twice in the group (the second waits).
+    journal = Journal(journal_url)
+    await journal.open()
+    try:
+        accepted, failed, busy = (arrival(journal, name) for name in ("G-AA", "G-AE", "G-BUSY"))
+        assert await asyncio.gather(*begin_at_once(journal, [accepted, failed, busy])) == [None, None, None]
+        assert await answer_at_once(journal, [(accepted, b"ACK-AA", "AA"), (failed, b"ACK-AE", "AE")]) == [True] * 2
+        new = [arrival(journal, f"G{number:03}") for number in range(150)]
+        twice = arrival(journal, "G-TWICE")
+        copies = [arrival(journal, name) for name in ("G-AA", "G-AE", "G-BUSY", "G-TWICE")]
+        group = [*new[:70], copies[0], twice, copies[1], *new[70:], copies[2], copies[3]]
+        futures = dict(zip(map(id, group), begin_at_once(journal, group), strict=True))
+        waiting = [futures[id(copies[2])], futures[id(copies[3])]]
+        settled = [futures[id(entry)] for entry in [*new, twice, copies[0], copies[1]]]
+        outcomes = await asyncio.gather(*settled)
+        assert outcomes[:-2] == [None] * 151  # the new keys, and the first of the two copies in the group
+        assert outcomes[-2] == Recorded(b"ACK-AA", "AA")
+        assert outcomes[-1] is None  # AE: handled again, in the row it had
+        assert copies[1].id == failed.id
+        ids = [entry.id for entry in [*new, twice]]
+        assert None not in ids and len(set(ids)) == len(ids)
+        assert not any(future.done() for future in waiting)
+        written = await answer_at_once(journal, [(entry, f"ACK-{entry.control_id}".encode(), "AA") for entry in new])
+        assert written == [True] * 150
+        await answer_at_once(journal, [(busy, b"ACK-BUSY", "AA"), (twice, b"ACK-TWICE", "AA")])
+        assert await asyncio.wait_for(asyncio.gather(*waiting), 5) == [
+            Recorded(b"ACK-BUSY", "AA"),
+            Recorded(b"ACK-TWICE", "AA"),
+        ]
+    finally:
+        await journal.close()
+    held = await journaled(journal_url)
+    assert held["G042"].ack == b"ACK-G042" and held["G149"].code == "AA"
+    assert held["G-AE"].ack is None and held["G-AE"].attempts == 2  # taken again, not answered yet
+    assert len(held) == 150 + 4
+
+
+@asyncio_test
+async def test_an_answer_sent_again_goes_no_sooner_than_the_answer_it_repeats(tmp_path: Path) -> None:
+    # A copy begun in the same group as its first copy's answer finds that
+    # answer written, not yet on disk: it is sent again only once it is.
+    journal = Journal(f"sqlite:///{tmp_path}/order.db")
+    await journal.open()
+    try:
+        first = arrival(journal, "ORDER1")
+        await begin_at_once(journal, [first])[0]
+        events: list[str] = []
+        committed = asyncio.get_running_loop().create_future()
+
+        def on_committed(written: bool) -> None:
+            events.append("committed")
+            committed.set_result(written)
+
+        journal.answer(first, b"ACK-ORDER1", "AA", on_committed)
+        copy = begin_at_once(journal, [arrival(journal, "ORDER1")])[0]
+        copy.add_done_callback(lambda _: events.append("sent again"))
+        assert await copy == Recorded(b"ACK-ORDER1", "AA")
+        assert await committed is True
+        assert events == ["committed", "sent again"]
+    finally:
+        await journal.close()
+
+
+@asyncio_test
+async def test_an_answer_whose_message_another_node_took_over_is_not_sent(journal_url: str) -> None:
+    first, second = Journal(journal_url), Journal(journal_url)
+    await first.open()
+    await second.open()
+    try:
+        mine = arrival(first, "TAKEN1")
+        others = [arrival(first, f"KEPT{number}") for number in range(3)]
+        assert await asyncio.gather(*begin_at_once(first, [mine, *others])) == [None] * 4
+        await stop_node(journal_url, first.node)  # as if it had stopped: its messages may be taken over
+        assert await begin_at_once(second, [arrival(second, "TAKEN1")])[0] is None
+        written = await answer_at_once(first, [(entry, b"ACK", "AA") for entry in [*others, mine]])
+        assert written == [True, True, True, False]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def stop_node(url: str, node: int | None) -> None:
+    if url.startswith("sqlite"):
+        db = sqlite3.connect(url.removeprefix("sqlite:///"))
+        db.execute("UPDATE hl7bridge_journal_nodes SET stopped_at = 0 WHERE id = ?", (node,))
+        db.commit()
+        db.close()
+        return
+    import asyncpg
+
+    dsn, schema = url.split("?schema=")
+    connection = await asyncpg.connect(dsn)
+    await connection.execute(f'UPDATE "{schema}".hl7bridge_journal_nodes SET stopped_at = now() WHERE id = $1', node)
+    await connection.close()
+
+
+class Headers(AbstractHL7Receiver):
+    """ACKs every message, keeping the sending facility its handler saw."""
+
+    def __init__(self) -> None:
+        self.facilities: list[str] = []
+
+    def handleMessage(self, container: MessageContainer) -> Any:  # noqa: N802
+        self.facilities.append(str(container.message.segment("MSH")[4]))
+        return container.ack()
+
+
+@asyncio_test
+async def test_a_journaled_message_with_letters_beyond_ascii_in_its_msh_is_read_as_declared(journal_url: str) -> None:
+    # The journal keys a message by its MSH as it arrives; the handler and the
+    # ACK read it decoded as the message declares (UTF-8 here), not as it was keyed.
+    receiver = Headers()
+    body = message("UTF1").replace("SENDFAC", "HÔPITAL").replace("|P|2.5\r", "|P|2.5|||||UNICODE UTF-8\r", 1)
+    async with listening("asyncio", receiver, journal=journal_url) as port:
+        peer = await Peer.connect(port)
+        await peer.send(frame(body.encode("utf-8")))
+        reply = (await peer.reply()).decode("utf-8")
+        await peer.close()
+    assert receiver.facilities == ["HÔPITAL"]
+    assert reply.split("\r")[0].split("|")[5] == "HÔPITAL"  # MSH-6 of the ACK: the sender's facility
+    assert msa(reply)[1:3] == ["AA", "UTF1"]
