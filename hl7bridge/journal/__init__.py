@@ -499,7 +499,15 @@ class Journal:
             answered.committed(lost is not None and answered.arrival.id not in lost)
 
     def _settle(self, arrival: Arrival, outcome: Outcome | None) -> None:
-        begun = arrival.begun
+        if outcome is not None and outcome.action not in (NEW, REPLAY):
+            # Handled elsewhere (or by an earlier copy here): look again when
+            # that answer is committed here, or after a while for other nodes.
+            self._waiting.setdefault(arrival.key, []).append(arrival)
+            assert self._loop is not None
+            self._loop.call_later(WAIT_POLL_INTERVAL, self._wake, arrival.key)
+            return
+        # Let go of the callback, which holds the arrival: no cycle for the garbage collector.
+        begun, arrival.begun = arrival.begun, None
         assert begun is not None
         if outcome is None:
             begun(FAILED)
@@ -507,14 +515,8 @@ class Journal:
             arrival.id = outcome.id
             self._busy[arrival.key] = arrival
             begun(None)
-        elif outcome.action == REPLAY:
-            begun(outcome.recorded)
         else:
-            # Handled elsewhere (or by an earlier copy here): look again when
-            # that answer is committed here, or after a while for other nodes.
-            self._waiting.setdefault(arrival.key, []).append(arrival)
-            assert self._loop is not None
-            self._loop.call_later(WAIT_POLL_INTERVAL, self._wake, arrival.key)
+            begun(outcome.recorded)
 
     def _wake(self, key: str) -> None:
         """Arrivals waiting for ``key``'s answer go with the next write, to be decided again."""

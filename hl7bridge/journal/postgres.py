@@ -126,12 +126,17 @@ def _message(row: Any) -> Message:
     return Message(*(row[column] for column in MESSAGE_COLUMNS.split(", ")))
 
 
+#: Begins, and answers, a node sends at once, each on a connection of its own.
+WRITES_AT_ONCE = 4
+
+
 class PostgresBackend:
     """A journal in a PostgreSQL database, shared by every listener given its URL."""
 
-    #: Begins, and answers, at once (each pool's connections): while one group
-    #: waits for its commit, the next is sent.
-    concurrency: int | None = 2
+    #: Begins, and answers, at once (a connection each): while some groups wait
+    #: for their commit, the next are sent, and PostgreSQL syncs commits that
+    #: come together at once.
+    concurrency: int | None = WRITES_AT_ONCE
 
     def __init__(self, dsn: str, schema: str | None) -> None:
         self.dsn = dsn
@@ -178,7 +183,7 @@ class PostgresBackend:
                 await connection.close()
         # The writes' connections (see concurrency), and one for the rest (heartbeats, commands).
         pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=3, server_settings=settings, timeout=CONNECT_TIMEOUT
+            self.dsn, min_size=1, max_size=WRITES_AT_ONCE + 1, server_settings=settings, timeout=CONNECT_TIMEOUT
         )
         try:
             async with pool.acquire() as connection, connection.transaction():
@@ -187,7 +192,7 @@ class PostgresBackend:
                 await _migrate(connection)
             quick = {**(settings or {}), "synchronous_commit": "off"}
             self._arrivals = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=2, server_settings=quick, timeout=CONNECT_TIMEOUT
+                self.dsn, min_size=1, max_size=WRITES_AT_ONCE, server_settings=quick, timeout=CONNECT_TIMEOUT
             )
         except BaseException:
             await pool.close()
