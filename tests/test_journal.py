@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -532,3 +533,49 @@ async def test_a_journaled_message_with_letters_beyond_ascii_in_its_msh_is_read_
     assert receiver.facilities == ["HÔPITAL"]
     assert reply.split("\r")[0].split("|")[5] == "HÔPITAL"  # MSH-6 of the ACK: the sender's facility
     assert msa(reply)[1:3] == ["AA", "UTF1"]
+
+
+def test_the_sqlite_writer_takes_what_was_queued_meanwhile_in_one_batch() -> None:
+    # Group commit: while one transaction is written, what comes waits and goes in the next one.
+    from hl7bridge.journal.sqlite import _Request, _Worker
+
+    batches: list[int] = []
+    started, gate = threading.Event(), threading.Event()
+
+    def work(batch: list[_Request]) -> None:
+        batches.append(len(batch))
+        started.set()
+        assert gate.wait(5)
+
+    worker = _Worker("hl7bridge-test", work)
+    worker.put(_Request(1, print))
+    assert started.wait(5)
+    worker.put(*(_Request(1, print) for _ in range(5)))
+    called = worker.call(lambda: list(batches))  # in its turn: after the five, before the last
+    worker.put(_Request(1, print))
+    gate.set()
+    assert called.result(5) == [1, 5]
+    worker.stop()
+    assert batches == [1, 5, 1]
+
+
+@asyncio_test
+async def test_connections_postgresql_cut_are_replaced_without_failing_a_message(postgres_url: str) -> None:
+    # A PostgreSQL restart, or an administrator ending sessions: the node opens new connections.
+    name = f"hl7bridge-test-{os.getpid()}"
+    url = f"{postgres_url}&application_name={name}"
+    receiver = Counting()
+    async with listening("asyncio", receiver, journal=url) as port:
+        peers = [await Peer.connect(port) for _ in range(8)]
+        for round_ in range(3):
+            # Several at once: several connections in use, then kept.
+            for number, peer in enumerate(peers):
+                await peer.send(frame(text(f"CUT{round_}-{number}").encode()))
+            replies = [msa((await peer.reply()).decode())[1] for peer in peers]
+            assert replies == ["AA"] * 8, replies
+            if round_ < 2:
+                on_postgres("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", name)
+                await asyncio.sleep(0.5)
+        for peer in peers:
+            await peer.close()
+    assert len(receiver.handled) == 24

@@ -126,6 +126,12 @@ def _message(row: Any) -> Message:
     return Message(*(row[column] for column in MESSAGE_COLUMNS.split(", ")))
 
 
+#: The application name of the journal's connections, unless the URL gives one.
+APPLICATION_NAME = "hl7bridge"
+
+# The two kinds of write, each on connections of its own.
+ANSWERS, ARRIVALS = "answers", "arrivals"
+
 #: Begins, and answers, a node sends at once, each on a connection of its own.
 WRITES_AT_ONCE = 4
 
@@ -141,12 +147,14 @@ class PostgresBackend:
     def __init__(self, dsn: str, schema: str | None) -> None:
         self.dsn = dsn
         self.schema = schema
-        self._pool: Any = None  # answers: durable before the ACK is sent
-        self._arrivals: Any = None  # arrivals: synchronous_commit off
+        self._pool: Any = None  # heartbeats and commands
         self._writing: set[asyncio.Future[Any]] = set()
-        # Connections kept out of their pools for the writes: a pool resets a
-        # connection it gets back, one more round trip per write.
-        self._held: dict[Any, list[Any]] = {}
+        # The writes' connections, each kept open between writes (a pool would
+        # reset a connection it gets back: one more round trip per write).
+        # Answers are durable before the ACK is sent; arrivals are committed
+        # with synchronous_commit off.
+        self._settings: dict[str, dict[str, str]] = {}
+        self._idle: dict[str, list[Any]] = {ANSWERS: [], ARRIVALS: []}
 
     @classmethod
     def from_url(cls, url: str) -> PostgresBackend:
@@ -169,7 +177,11 @@ class PostgresBackend:
             import asyncpg
         except ImportError:
             raise JournalError("a PostgreSQL journal needs asyncpg: pip install 'hl7bridge[postgresql]'") from None
-        settings = {"search_path": self.schema} if self.schema else None
+        settings: dict[str, str] = {}
+        if "application_name=" not in self.dsn:
+            settings["application_name"] = APPLICATION_NAME  # how pg_stat_activity shows the journal's connections
+        if self.schema:
+            settings["search_path"] = self.schema
         if self.schema:
             # The schema must exist before a pool whose search_path names it is used.
             connection = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
@@ -181,23 +193,19 @@ class PostgresBackend:
                     await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             finally:
                 await connection.close()
-        # The writes' connections (see concurrency), and one for the rest (heartbeats, commands).
         pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=WRITES_AT_ONCE + 1, server_settings=settings, timeout=CONNECT_TIMEOUT
+            self.dsn, min_size=1, max_size=2, server_settings=settings, timeout=CONNECT_TIMEOUT
         )
         try:
             async with pool.acquire() as connection, connection.transaction():
                 # One process at a time creates or migrates the schema.
                 await connection.execute(_SCHEMA_LOCK)
                 await _migrate(connection)
-            quick = {**(settings or {}), "synchronous_commit": "off"}
-            self._arrivals = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=WRITES_AT_ONCE, server_settings=quick, timeout=CONNECT_TIMEOUT
-            )
         except BaseException:
             await pool.close()
             raise
         self._pool = pool
+        self._settings = {ANSWERS: settings, ARRIVALS: {**settings, "synchronous_commit": "off"}}
 
     async def register(self, host: str, pid: int) -> int:
         node = await self._pool.fetchval(
@@ -226,7 +234,7 @@ class PostgresBackend:
         ids = [answered.arrival.id for answered in answers]
         acks = [answered.ack for answered in answers]
         codes = [answered.code for answered in answers]
-        async with self._connection(self._pool) as connection:
+        async with self._connection(ANSWERS) as connection:
             written = await _retried(lambda: connection.fetch(_ANSWER, ids, acks, codes, node))
         return set(ids) - {row["id"] for row in written}
 
@@ -248,7 +256,7 @@ class PostgresBackend:
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
-        async with self._connection(self._arrivals) as connection:
+        async with self._connection(ARRIVALS) as connection:
             return await self._begin_on(connection, node, busy, arrivals, columns)
 
     async def _begin_on(
@@ -349,32 +357,36 @@ class PostgresBackend:
         return int(status.split()[-1])
 
     @contextlib.asynccontextmanager
-    async def _connection(self, pool: Any) -> AsyncIterator[Any]:
-        """A connection of ``pool`` kept for writes: taken from those kept, or from the pool the first times."""
-        held = self._held.setdefault(pool, [])
-        connection = held.pop() if held else await pool.acquire()
+    async def _connection(self, kind: str) -> AsyncIterator[Any]:
+        """A connection for ``kind`` of write: one kept open, or a new one (the first writes, or one was lost)."""
+        import asyncpg
+
+        idle = self._idle[kind]
+        while idle and idle[-1].is_closed():
+            idle.pop()  # lost: PostgreSQL restarted, or ended the session
+        if idle:
+            connection = idle.pop()
+        else:
+            connection = await asyncpg.connect(self.dsn, server_settings=self._settings[kind], timeout=CONNECT_TIMEOUT)
         try:
             yield connection
         finally:
-            if connection.is_closed():
-                await pool.release(connection)  # the pool opens a new one when asked
-            else:
-                held.append(connection)
+            if not connection.is_closed():
+                idle.append(connection)
 
     async def close(self, node: int | None) -> None:
         if self._pool is None:
             return
-        for pool, held in self._held.items():
-            for connection in held:
-                await pool.release(connection)
-        self._held.clear()
+        for idle in self._idle.values():
+            for connection in idle:
+                await connection.close()
+            idle.clear()
         try:
             if node is not None:
                 await self._pool.execute("UPDATE hl7bridge_journal_nodes SET stopped_at = now() WHERE id = $1", node)
         finally:
             await self._pool.close()
-            await self._arrivals.close()
-            self._pool = self._arrivals = None
+            self._pool = None
 
 
 #: Seconds to wait for PostgreSQL to accept a connection.

@@ -27,14 +27,15 @@ permissions.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import os
+import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote
@@ -156,39 +157,82 @@ class _Request:
         self.result: Any = None
 
 
-class _Batches:
-    """Requests put from any thread, handed all at once to ``work`` on ``executor``'s one thread.
+class _Call:
+    """A function for a worker's thread to run in its turn, and its result."""
 
-    While ``work`` runs, what is put waits and goes with the next call: the
-    slower the work, the bigger the batch. Each call is a job of its own, so
-    other jobs given to the executor meanwhile run between batches.
+    __slots__ = ("args", "function", "future")
+
+    def __init__(self, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.function = function
+        self.args = args
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run(self) -> None:
+        if self.future.set_running_or_notify_cancel():
+            try:
+                self.future.set_result(self.function(*self.args))
+            except BaseException as exc:
+                self.future.set_exception(exc)
+
+
+class _Worker:
+    """A thread of its own that takes all that is queued at once.
+
+    Requests queued together go to ``work`` as one batch: while ``work``
+    runs, what is put waits and goes with the next batch, so the slower the
+    work, the bigger the batch. A function given to :meth:`call` runs alone,
+    in its turn. The thread starts with the first thing put.
     """
 
-    def __init__(self, executor: ThreadPoolExecutor, work: Callable[[list[_Request]], None]) -> None:
-        self._executor = executor
+    def __init__(self, name: str, work: Callable[[list[_Request]], None]) -> None:
+        self._name = name
         self._work = work
-        self._lock = threading.Lock()
-        self._queued: list[_Request] = []
-        self._running = False
+        self._queue: queue.SimpleQueue[_Request | _Call | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
     def put(self, *requests: _Request) -> None:
-        with self._lock:
-            self._queued += requests
-            if self._running:
-                return
-            self._running = True
-        self._executor.submit(self._run)
+        self._start()
+        for request in requests:
+            self._queue.put(request)
 
-    def _run(self) -> None:
-        with self._lock:
-            batch, self._queued = self._queued, []
-        try:
-            self._work(batch)
-        finally:
-            with self._lock:
-                self._running = bool(self._queued)
-            if self._running:
-                self._executor.submit(self._run)
+    def call(self, function: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        self._start()
+        call = _Call(function, args)
+        self._queue.put(call)
+        return call.future
+
+    def stop(self) -> None:
+        """End the thread once what is queued is done, and wait for it."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _start(self) -> None:
+        if self._thread is None:
+            # A daemon: a process ending without closing its journal is a killed one, which the journal survives.
+            self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+            self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    items.append(self._queue.get_nowait())
+            batch: list[_Request] = []
+            for item in items:
+                if isinstance(item, _Request):
+                    batch.append(item)
+                    continue
+                if batch:
+                    self._work(batch)
+                    batch = []
+                if item is None:
+                    return
+                item.run()
+            if batch:
+                self._work(batch)
 
 
 class SQLiteBackend:
@@ -200,10 +244,8 @@ class SQLiteBackend:
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
         self.path = path
         self.synced = synchronous == "FULL"  # answers wait for a sync of the write-ahead log
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="hl7bridge-journal")
-        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="hl7bridge-journal-sync")
-        self._writes = _Batches(self._executor, self._write)
-        self._syncs = _Batches(self._syncer, self._sync)
+        self._writer = _Worker("hl7bridge-journal", self._write)
+        self._syncer = _Worker("hl7bridge-journal-sync", self._sync)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._db: sqlite3.Connection | None = None
         self._wal = -1  # the write-ahead log, opened to sync it
@@ -223,7 +265,7 @@ class SQLiteBackend:
         return cls(path, synchronous)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        return await asyncio.wrap_future(self._writer.call(function, *args))
 
     # On the writer's thread
 
@@ -303,7 +345,7 @@ class SQLiteBackend:
         if now:
             self._loop.call_soon_threadsafe(_deliver, now)
         if later:
-            self._syncs.put(*later)
+            self._syncer.put(*later)
 
     @staticmethod
     def _answer_all(db: sqlite3.Connection, node: int, answers: list[Answered]) -> set[int | None]:
@@ -446,12 +488,12 @@ class SQLiteBackend:
     def begin(self, node: int, busy: set[str], arrivals: list[Arrival], done: Callable[[Any], None]) -> None:
         request = _Request(node, done)
         request.busy, request.arrivals = busy, arrivals
-        self._writes.put(request)
+        self._writer.put(request)
 
     def answer(self, node: int, answers: list[Answered], done: Callable[[Any], None]) -> None:
         request = _Request(node, done)
         request.answers = answers
-        self._writes.put(request)
+        self._writer.put(request)
 
     async def heartbeat(self, node: int) -> None:
         await self._run(
@@ -474,10 +516,10 @@ class SQLiteBackend:
 
     async def close(self, node: int | None) -> None:
         try:
-            self._syncer.shutdown(wait=True)  # no sync under way on the file closed next
+            self._syncer.stop()  # no sync under way on the file closed next
             await self._run(self._close, node)
         finally:
-            self._executor.shutdown(wait=False)
+            self._writer.stop()
 
 
 def _deliver(requests: list[_Request]) -> None:
