@@ -442,7 +442,7 @@ class SQLiteBackend:
         assert self._loop is not None
         try:
             _sync(self._wal)
-        except OSError as exc:
+        except Exception as exc:  # a disk error: these answers are not durable, and not sent
             for request in requests:
                 request.result = exc
         self._loop.call_soon_threadsafe(_deliver, requests)
