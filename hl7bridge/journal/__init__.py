@@ -157,6 +157,26 @@ class Arrival:
         self.begun: Callable[[Recorded | None], None] | None = None
         self.journal: Journal | None = None  # the journal it was begun in
 
+    def values(self) -> tuple[Any, ...]:
+        """Its row's values for :data:`ARRIVAL_COLUMNS`, in their order (``received``: seconds since the epoch)."""
+        return (
+            self.key,
+            self.received,
+            self.listener,
+            self.peer,
+            self.sender,
+            self.facility,
+            self.message_type,
+            self.control_id,
+            self.raw,
+        )
+
+
+#: The columns an arrival writes, as :meth:`Arrival.values` gives them (the same on every backend).
+ARRIVAL_COLUMNS = (
+    "key, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw"
+)
+
 
 @dataclass
 class Answered:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from hl7bridge.journal import (
+    ARRIVAL_COLUMNS,
     CLAIM,
     MESSAGE_COLUMNS,
     NEW,
@@ -89,13 +90,11 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 # Rows are inserted, and taken rows locked, in key order: two nodes given the
 # same keys in different orders (a sender retransmitting through the balancer)
 # then wait for each other instead of deadlocking, which would fail both groups.
-_INSERT = """
-INSERT INTO hl7bridge_journal_messages (key, received_at, listener, peer, sending_application,
-    sending_facility, message_type, control_id, raw, node)
-SELECT key, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw, $10
+_INSERT = f"""
+INSERT INTO hl7bridge_journal_messages ({ARRIVAL_COLUMNS}, node)
+SELECT {ARRIVAL_COLUMNS}, $10
 FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-    $8::text[], $9::bytea[])
-    AS m(key, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw)
+    $8::text[], $9::bytea[]) AS m({ARRIVAL_COLUMNS})
 ORDER BY key
 ON CONFLICT (key) DO NOTHING
 RETURNING id, key
@@ -241,21 +240,8 @@ class PostgresBackend:
     async def _begin(self, node: int, busy: set[str], arrivals: list[Arrival]) -> list[Outcome]:
         if not arrivals:
             return []
-        columns: list[list[Any]] = [[] for _ in range(9)]
-        for arrival in arrivals:
-            values = (
-                arrival.key,
-                _utc(arrival.received),
-                arrival.listener,
-                arrival.peer,
-                arrival.sender,
-                arrival.facility,
-                arrival.message_type,
-                arrival.control_id,
-                arrival.raw,
-            )
-            for column, value in zip(columns, values, strict=True):
-                column.append(value)
+        columns = [list(column) for column in zip(*(arrival.values() for arrival in arrivals), strict=True)]
+        columns[1] = [_utc(seconds) for seconds in columns[1]]  # received_at
         async with self._connection(ARRIVALS) as connection:
             return await self._begin_on(connection, node, busy, arrivals, columns)
 

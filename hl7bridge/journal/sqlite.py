@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from hl7bridge.journal import (
+    ARRIVAL_COLUMNS,
     CLAIM,
     MESSAGE_COLUMNS,
     NEW,
@@ -116,15 +117,14 @@ _UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
 
 _sync = getattr(os, "fdatasync", os.fsync)
 
-_ARRIVAL_COLUMNS = (
-    "(id, key, received_at, listener, peer, sending_application, sending_facility, message_type, control_id, raw, node)"
-)
-
 
 @functools.lru_cache(maxsize=ROWS_PER_STATEMENT)
 def _insert(rows: int) -> str:
     values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
-    return f"INSERT INTO hl7bridge_journal_messages {_ARRIVAL_COLUMNS} VALUES {values} ON CONFLICT (key) DO NOTHING"
+    return (
+        f"INSERT INTO hl7bridge_journal_messages (id, {ARRIVAL_COLUMNS}, node) VALUES {values} "
+        "ON CONFLICT (key) DO NOTHING"
+    )
 
 
 @functools.lru_cache(maxsize=ROWS_PER_STATEMENT)
@@ -382,19 +382,7 @@ class SQLiteBackend:
             chunk = arrivals[start : start + ROWS_PER_STATEMENT]
             parameters: list[Any] = []
             for offset, arrival in enumerate(chunk, top + 1 + start):
-                parameters += (
-                    offset,
-                    arrival.key,
-                    arrival.received,
-                    arrival.listener,
-                    arrival.peer,
-                    arrival.sender,
-                    arrival.facility,
-                    arrival.message_type,
-                    arrival.control_id,
-                    arrival.raw,
-                    node,
-                )
+                parameters += (offset, *arrival.values(), node)
             inserted += db.execute(_insert(len(chunk)), parameters).rowcount
         ids: list[int | None] = list(range(top + 1, top + 1 + len(arrivals)))
         if inserted < len(arrivals):
