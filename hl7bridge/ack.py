@@ -79,7 +79,7 @@ class Header:
         self.component_separator = encoding[0] if encoding else "^"
         self.repetition_separator = encoding[1] if len(encoding) > 1 else "~"
         # Index n holds MSH-n: MSH-1 is the separator, which split() leaves out;
-        # "" up to MSH-20 where the segment is shorter.
+        # "" up to MSH-21 where the segment is shorter.
         padded = ("", self.field_separator, *fields[1:])
         self.padded = padded + ("",) * (_PADDED - len(padded)) if len(padded) < _PADDED else padded
 

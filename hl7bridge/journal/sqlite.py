@@ -365,13 +365,13 @@ class SQLiteBackend:
             written = db.executemany(_UPDATE_ONE, rows).rowcount
         if written == len(answers):
             return set()
-        ids = [answered.arrival.id for answered in answers]
+        # Rare (another node took a message over): which ones were written, by the time written.
+        ids = {answered.arrival.id for answered in answers}
         found = db.execute(
-            f"SELECT id FROM hl7bridge_journal_messages WHERE id IN ({', '.join('?' * len(ids))}) "
-            "AND node = ? AND answered_at = ?",
-            (*ids, node, now),
+            "SELECT id FROM hl7bridge_journal_messages WHERE id BETWEEN ? AND ? AND node = ? AND answered_at = ?",
+            (min(i for i in ids if i is not None), max(i for i in ids if i is not None), node, now),
         ).fetchall()
-        return set(ids) - {row[0] for row in found}
+        return ids - {row[0] for row in found}
 
     @staticmethod
     def _insert_all(db: sqlite3.Connection, node: int, arrivals: list[Arrival]) -> list[int | None]:
