@@ -381,7 +381,7 @@ class Journal:
         self._busy: dict[str, Arrival] = {}  # keys being handled here: begun, answer not committed
         self._beginning: Counter[str] = Counter()  # keys of arrivals in writes under way
         self._waiting: dict[str, list[Arrival]] = {}  # arrivals waiting for a key's answer
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._opening_first = False
         self._closing = False
         self._failing = False

@@ -181,7 +181,6 @@ class PostgresBackend:
             settings["application_name"] = APPLICATION_NAME  # how pg_stat_activity shows the journal's connections
         if self.schema:
             settings["search_path"] = self.schema
-        if self.schema:
             # The schema must exist before a pool whose search_path names it is used.
             connection = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
             try:
