@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -176,3 +177,42 @@ def test_the_page_is_rendered_again_from_saved_results(tmp_path: Path, capsys: p
     pytest.importorskip("matplotlib")
     assert (docs / "performance.png").read_bytes().startswith(b"\x89PNG")
     assert "(performance.png)" in page
+
+
+def test_the_journal_cost_runs_groups_through_both_backends(postgres_url: str) -> None:
+    script = BENCHMARKS / "journal_cost.py"
+    argv = ["--json", "--groups", "1,3", "--messages", "12", "--rounds", "1", "--postgresql", postgres_url]
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+    # Every message was begun as new and its answer committed: journal_cost checks each outcome.
+    assert done.returncode == 0, done.stderr
+    costs = [run.journal_cost.Cost(**cost) for cost in json.loads(done.stdout)]
+    assert [(cost.backend, cost.group) for cost in costs] == [
+        ("sqlite", 1),
+        ("sqlite", 3),
+        ("postgresql", 1),
+        ("postgresql", 3),
+    ]
+    assert all(cost.group_wall_us > 0 for cost in costs)
+
+
+def test_the_page_sets_the_journal_cost_against_the_listener_own_work() -> None:
+    rows = made_up_rows()
+    for row in rows:
+        row.server_cpu = 1.0  # 40,000 msgs/s at 8 connections: 25 µs a message; 30,000 at 64: 33.3 µs
+    result = made_up_result(rows)
+    fields = ("backend", "group", "loop_us", "threads_us", "server_us", "group_wall_us")
+    result["journal_cost"] = [
+        dict(zip(fields, values, strict=True))
+        for values in (
+            ("sqlite", 4, 10.0, 50.0, 0.0, 500),
+            ("sqlite", 32, 5.0, 10.0, 0.0, 900),
+            ("postgresql", 4, 60.0, 0.0, 90.0, 1),
+        )
+    ]
+    page = run.render_docs(result, rows, chart_written=False)
+    part = page[page.index("### What the journal costs by itself") : page.index("### Method")]
+    assert "| postgresql | 4 | 60 µs | - | 90 µs | 1 µs |" in part
+    # 25 / (25 + 50) and 25 / (25 + 60); 33.3 / (33.3 + 10) and 33.3 / (33.3 + 15).
+    assert "8 connections: `hl7bridge serve` spends 25 µs" in part and "at most 0.33x" in part and "(0.29x" in part
+    assert "64 connections: `hl7bridge serve` spends 33 µs" in part and "at most 0.77x" in part and "(0.69x" in part
+    assert "### What the journal costs" not in run.render_docs(made_up_result(rows), rows, chart_written=False)
