@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hl7bridge.ack import read_header
-from hl7bridge.journal import HOST, Answered, Arrival, Backend, backend_for
+from hl7bridge.journal import HOST, NEW, Answered, Arrival, Backend, Outcome, backend_for
 
 #: Messages in a group: what 2, 8, 16 and 64 connections give a listener.
 GROUP_SIZES = (1, 4, 8, 32)
@@ -136,44 +137,50 @@ async def _measure(kind: str, url: str, group: int, messages: int, rounds: int) 
     raw_of: dict[int, bytes] = {}
     numbers = iter(range(1, 10**9))
 
-    def arrivals() -> list[Arrival]:
+    def arrivals(groups: int) -> list[list[Arrival]]:
+        """The groups of arrivals to journal, made before they are timed (a listener makes them as they come)."""
         made = []
-        for _ in range(group):
+        for _ in range(groups * group):
             number = next(numbers)
             text = template(number)
             header = read_header(text)
             assert header is not None
             raw = raw_of.setdefault(len(text), text.encode())  # the bytes written do not depend on the id
             made.append(Arrival(f"BENCHLAB\x1fNORTHWING\x1fG{group}C{number}", header, raw, "bench", "127.0.0.1"))
-        return made
+        return [made[start : start + group] for start in range(0, len(made), group)]
 
-    async def begin(group_arrivals: list[Arrival]) -> list[Arrival]:
-        outcomes = await _call(backend.begin, node, set(), group_arrivals)
-        for arrival, outcome in zip(group_arrivals, outcomes, strict=True):
-            assert outcome.action == "new", outcome
-            arrival.id = outcome.id
-        return group_arrivals
+    def begin(group_arrivals: list[Arrival]) -> asyncio.Future[Any]:
+        return _call(backend.begin, node, set(), group_arrivals)
 
-    async def answer(group_arrivals: list[Arrival]) -> None:
+    def answer(group_arrivals: list[Arrival]) -> asyncio.Future[Any]:
         answers = [Answered(arrival, ACK, "AA", lambda committed: None) for arrival in group_arrivals]
-        lost = await _call(backend.answer, node, answers)
+        return _call(backend.answer, node, answers)
+
+    def begun(group_arrivals: list[Arrival], outcomes: list[Outcome]) -> None:
+        for arrival, outcome in zip(group_arrivals, outcomes, strict=True):
+            assert outcome.action == NEW, outcome
+            arrival.id = outcome.id
+
+    async def run(groups: list[list[Arrival]]) -> None:
+        # As a listener's loop: a group's answers go while the next group is begun.
+        begun(groups[0], await begin(groups[0]))
+        for previous, current in itertools.pairwise(groups):
+            beginning, answering = begin(current), answer(previous)
+            begun(current, await beginning)
+            lost = await answering
+            assert not lost, lost
+        lost = await answer(groups[-1])
         assert not lost, lost
 
-    async def run(groups: int) -> None:
-        # As a listener's loop: answers of one group go while the next group is begun.
-        begun = await begin(arrivals())
-        for _ in range(groups - 1):
-            begun, _ = await asyncio.gather(begin(arrivals()), answer(begun))
-        await answer(begun)
-
     try:
-        await run(max(2, 200 // group))  # warm-up: connections opened, caches and files warm
+        await run(arrivals(max(2, 200 // group)))  # warm-up: connections opened, caches and files warm
         pids = await _server_pids(url) if kind == "postgresql" else []
         costs = []
         for _ in range(rounds):
             groups = max(2, messages // group)
+            made = arrivals(groups)
             (loop, threads), server, wall = _threads_cpu(), _server_cpu(pids), time.perf_counter()
-            await run(groups)
+            await run(made)
             wall = time.perf_counter() - wall
             (loop_after, threads_after), server_after = _threads_cpu(), _server_cpu(pids)
             per_message = 1e6 / (groups * group)
