@@ -36,7 +36,7 @@ docs: $(STAMP)
 clean:
 	rm -rf $(VENV) .venv-* build *.egg-info .mypy_cache .ruff_cache docs/_build
 
-# make bench: the benchmark of docs/performance.md (about 6 minutes; needs cc and taskset)
+# make bench: the benchmark of docs/performance.md (about 10 minutes; needs cc and taskset)
 BENCH_STAMP := $(VENV)/.bench-installed
 .PHONY: bench
 

@@ -8,15 +8,15 @@ each, a listener's groups hold about ``c / 2`` messages (half of them are
 being begun while the other half are being answered), so a group of 4 is
 what 8 connections give and a group of 32 what 64 give.
 
-Measured per message: the CPU time of this process (the journal's own
-threads included) and, for PostgreSQL, of the database's processes that
-serve the journal's connections (read from ``/proc``, so only for a server
-on this machine); and the wall time per group. ``make bench`` runs this
-beside the listeners and sets these figures against the listener's own CPU
-per message without a journal: on one CPU, a listener with a journal can at
-best do its own work and the journal's, so ``own / (own + journal)`` bounds
-the ratio the journal rows can reach there, even if the session's part of
-journaling a message cost nothing.
+Measured per message: the CPU time of the loop's thread (handing groups
+over and getting their results back), of the journal's own threads (SQLite's
+writer and syncer: the database's work) and, for PostgreSQL, of the
+database's processes that serve the journal's connections (read from
+``/proc``, so only for a server on this machine); and the wall time per
+group. ``make bench`` runs this after the listeners and sets the threads'
+figure against the listener's own CPU per message without a journal: one
+CPU that does both can give at most ``own / (own + threads)`` of the
+listener's throughput, even if the loop's part of journaling cost nothing.
 
 Run by itself: ``python benchmarks/journal_cost.py [--postgresql URL]``.
 """
