@@ -93,6 +93,15 @@ def parse_key(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(numbers))
 
 
+def _key_reader(numbers: tuple[int, ...]) -> Callable[[Header], str]:
+    """What makes a message's key text of the MSH fields ``numbers`` (one field: that field's text)."""
+    if len(numbers) == 1:
+        (number,) = numbers
+        return lambda header: header.padded[number]
+    fields = operator.itemgetter(*numbers)  # a tuple only for two fields or more
+    return lambda header: _KEY_JOIN.join(fields(header.padded))
+
+
 def check_retention(days: float) -> None:
     """Raise :class:`JournalError` unless ``days`` is a retention a journal can keep."""
     if days <= 0:
@@ -362,8 +371,7 @@ class Journal:
     def __init__(self, url: str, key: str = DEFAULT_KEY, retention_days: float = DEFAULT_RETENTION_DAYS) -> None:
         self.url = url
         self.key_fields = parse_key(key)
-        fields = operator.itemgetter(*self.key_fields)
-        self._key: Callable[[Header], tuple[str, ...]] = lambda header: fields(header.padded)
+        self._key = _key_reader(self.key_fields)
         try:
             check_retention(retention_days)
         except JournalError as exc:
@@ -393,7 +401,7 @@ class Journal:
         """The key of a message with this MSH; None when its control id is empty (it is not journaled)."""
         if not header.control_id:
             return None
-        return _KEY_JOIN.join(self._key(header))
+        return self._key(header)
 
     async def open(self) -> None:
         """Connect, create or migrate the schema, start the heartbeat and the purge (once; later calls wait for it).
