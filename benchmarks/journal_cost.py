@@ -63,11 +63,6 @@ class Cost:
     server_us: float  # the database server's CPU per message (0 for SQLite)
     group_wall_us: float  # wall time per group, begun to answered, with the next group begun meanwhile
 
-    @property
-    def database_us(self) -> float:
-        """The CPU per message of the database's own work: the journal's threads and the server's processes."""
-        return self.threads_us + self.server_us
-
 
 def _messages(template: str) -> Callable[[int], str]:
     """Messages like ``template``, each with control id ``C<n>``."""

@@ -242,25 +242,20 @@ class PostgresBackend:
         columns = [list(column) for column in zip(*(arrival.values() for arrival in arrivals), strict=True)]
         columns[1] = [_utc(seconds) for seconds in columns[1]]  # received_at
         async with self._connection(ARRIVALS) as connection:
-            return await self._begin_on(connection, node, busy, arrivals, columns)
+            rows = await _retried(lambda: connection.fetch(_INSERT, *columns, node))
+            inserted = {row["key"]: row["id"] for row in rows}
+            # Keys inserted by another transaction, and keys that came twice in this group.
+            counts = Counter(arrival.key for arrival in arrivals)
+            taken = [key for key, count in counts.items() if key not in inserted or count > 1]
+            if not taken:
+                return [Outcome(NEW, inserted[arrival.key]) for arrival in arrivals]
 
-    async def _begin_on(
-        self, connection: Any, node: int, busy: set[str], arrivals: list[Arrival], columns: list[list[Any]]
-    ) -> list[Outcome]:
-        rows = await _retried(lambda: connection.fetch(_INSERT, *columns, node))
-        inserted = {row["key"]: row["id"] for row in rows}
-        # Keys inserted by another transaction, and keys that came twice in this group.
-        counts = Counter(arrival.key for arrival in arrivals)
-        taken = [key for key, count in counts.items() if key not in inserted or count > 1]
-        if not taken:
-            return [Outcome(NEW, inserted[arrival.key]) for arrival in arrivals]
+            async def decide_all() -> list[Outcome]:
+                # Copies: a try that PostgreSQL aborted must leave them as they were.
+                async with connection.transaction():
+                    return await self._decide(connection, node, set(busy), arrivals, dict(inserted), taken)
 
-        async def decide_all() -> list[Outcome]:
-            # Copies: a try that PostgreSQL aborted must leave them as they were.
-            async with connection.transaction():
-                return await self._decide(connection, node, set(busy), arrivals, dict(inserted), taken)
-
-        return await _retried(decide_all)
+            return await _retried(decide_all)
 
     async def _decide(
         self,
